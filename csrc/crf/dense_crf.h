@@ -1,0 +1,33 @@
+// Dense CRF mean-field inference: the per-device implementations behind the op
+// wsss_fast::dense_crf_inference (schema and registration in csrc/register.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace wsss_fast {
+namespace crf {
+
+// unary (B, M, N) float32 energies; features[k] (B, d_k, N) float32, the batch stride
+// may be 0 to share one lattice across the batch; compat[k] float32, 0-d (Potts
+// weight), (M,) (diagonal) or (M, M) (matrix, symmetrised); normalization[k] as
+// pydensecrf's NormalizationType; init_q (B, M, N) marginals to start from instead of
+// softmax(-unary). Returns Q (B, M, N) float32 after `iterations` mean-field steps.
+at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
+                                   at::TensorList compat, at::IntArrayRef normalization,
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q);
+
+#ifdef WSSS_FAST_WITH_CUDA
+at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, at::TensorList features,
+                                    at::TensorList compat, at::IntArrayRef normalization,
+                                    int64_t iterations, const c10::optional<at::Tensor>& init_q);
+#endif
+
+// Shared argument checks (ValueError on the Python side), used by every device.
+void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
+                               at::TensorList compat, at::IntArrayRef normalization,
+                               int64_t iterations, const c10::optional<at::Tensor>& init_q);
+
+}  // namespace crf
+}  // namespace wsss_fast

@@ -1,0 +1,1 @@
+"""Triton kernel bodies, one file per op (nothing of the package is imported here)."""

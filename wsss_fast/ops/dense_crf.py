@@ -1,0 +1,172 @@
+"""Dense CRF (fully-connected CRF with Gaussian pair potentials), batched.
+
+``dense_crf`` refines softmax probabilities with the mean-field inference of
+Kraehenbuehl & Koltun (2011), giving pydensecrf's numbers. The work happens in the
+compiled op ``torch.ops.wsss_fast.dense_crf_inference`` (C++ on CPU tensors, CUDA on
+GPU tensors); ``wsss_fast.crf`` is the pydensecrf-compatible face of the same op.
+"""
+
+from collections.abc import Sequence
+from numbers import Real
+
+import torch
+
+import wsss_fast  # noqa: F401  (loads wsss_fast._C, which defines the op)
+from wsss_fast.ops._backend import resolve_backend
+
+NO_NORMALIZATION = 0
+NORMALIZE_BEFORE = 1
+NORMALIZE_AFTER = 2
+NORMALIZE_SYMMETRIC = 3
+NORMALIZATIONS = (NO_NORMALIZATION, NORMALIZE_BEFORE, NORMALIZE_AFTER, NORMALIZE_SYMMETRIC)
+
+# Probabilities are clipped here before -log, as pydensecrf's unary_from_softmax does.
+PROBABILITY_CLIP = 1e-5
+
+
+@torch.library.register_fake("wsss_fast::dense_crf_inference")
+def _dense_crf_inference_fake(unary, features, compat, normalization, iterations, init_q=None):
+    return torch.empty_like(unary, dtype=torch.float32)
+
+
+def dense_crf_inference(
+    unary: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    compat: Sequence[torch.Tensor],
+    normalization: Sequence[int],
+    iterations: int,
+    init_q: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mean-field inference of a dense CRF given its energies and kernel features.
+
+    Args:
+        unary: (B, M, N) float32 unary energies (-log probabilities).
+        features: per pairwise kernel, (B, d_k, N) float32 features already divided by
+            the kernel's standard deviations. A batch stride of 0 (``expand``) shares one
+            lattice across the batch.
+        compat: per kernel, float32: a 0-d tensor (Potts weight w: adds w * filtered),
+            (M,) (diagonal) or (M, M) (matrix, symmetrised) compatibility.
+        normalization: per kernel, one of ``NORMALIZATIONS``.
+        iterations: number of mean-field steps (>= 0).
+        init_q: optional (B, M, N) marginals to start from instead of softmax(-unary).
+        backend: ``compiled`` or ``reference`` (default: ``WSSS_FAST_BACKEND``, else auto).
+
+    Returns:
+        (B, M, N) float32 marginals on the device of ``unary``.
+    """
+    chosen = resolve_backend("dense_crf", unary.device, ("compiled", "reference"), backend)
+    if chosen == "reference":
+        from wsss_fast.reference.dense_crf import dense_crf_inference as reference
+
+        return reference(unary, features, compat, normalization, iterations, init_q)
+    return torch.ops.wsss_fast.dense_crf_inference(
+        unary, list(features), list(compat), list(normalization), iterations, init_q
+    )
+
+
+def _check_pair(name: str, value, length: int) -> tuple[float, ...]:
+    if not isinstance(value, Sequence) or len(value) != length:
+        raise ValueError(f"{name} must be a tuple of {length} numbers, got {value!r}")
+    for item in value:
+        if not isinstance(item, Real) or not item > 0:
+            raise ValueError(f"{name} entries must be positive numbers, got {value!r}")
+    return tuple(float(item) for item in value)
+
+
+def pixel_grid_features(height: int, width: int, sxy: tuple[float, float], device) -> torch.Tensor:
+    """(2, H*W) float32 features (x / sx, y / sy) of the pixel grid, pixel n = y*W + x."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    scale = torch.tensor(sxy, dtype=torch.float32, device=device).view(2, 1)
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)]) / scale
+
+
+def bilateral_features(
+    images: torch.Tensor, sxy: tuple[float, float], srgb: tuple[float, float, float]
+) -> torch.Tensor:
+    """(B, 5, H*W) float32 features (x/sx, y/sy, r/sr, g/sg, b/sb) of uint8 (B, 3, H, W) images."""
+    batch, _, height, width = images.shape
+    position = pixel_grid_features(height, width, sxy, images.device)
+    colour_scale = torch.tensor(srgb, dtype=torch.float32, device=images.device).view(1, 3, 1)
+    colour = images.reshape(batch, 3, height * width).to(torch.float32) / colour_scale
+    return torch.cat([position.unsqueeze(0).expand(batch, -1, -1), colour], dim=1)
+
+
+def dense_crf(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    *,
+    gaussian: tuple[float, float] | None = (3, 3),
+    bilateral: tuple[float, float, float] | None = (80, 13, 10),
+    iterations: int = 10,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Refines probabilities with a dense CRF, batched, on the device of the inputs.
+
+    Args:
+        images: (B, 3, H, W) uint8 RGB images.
+        probs: (B, M, H, W) float softmax probabilities (any float dtype; computed in
+            float32). The unary is -log(clip(probs, 1e-5, 1)).
+        gaussian: (sxy, compat) of the Gaussian (smoothness) kernel, or None.
+        bilateral: (sxy, srgb, compat) of the bilateral (appearance) kernel, or None.
+        iterations: mean-field steps.
+        backend: ``compiled`` or ``reference`` (see ``wsss_fast.ops._backend``).
+
+    Returns:
+        (B, M, H, W) float32 refined probabilities.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, 3, H, W) uint8 tensor, got {got}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 RGB in [0, 255], got dtype {images.dtype}")
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or not probs.is_floating_point():
+        got = (
+            (tuple(probs.shape), probs.dtype)
+            if isinstance(probs, torch.Tensor)
+            else type(probs).__name__
+        )
+        raise ValueError(f"probs must be a float (B, M, H, W) tensor, got {got}")
+    batch, labels, height, width = probs.shape
+    if images.shape[0] != batch or images.shape[2:] != probs.shape[2:]:
+        raise ValueError(
+            f"images (B, 3, H, W) = {tuple(images.shape)} do not match probs (B, M, H, W) = "
+            f"{tuple(probs.shape)}: B, H and W must agree"
+        )
+    if images.device != probs.device:
+        raise ValueError(f"images are on {images.device} but probs on {probs.device}")
+    if labels < 1:
+        raise ValueError(f"probs must have at least one label channel, got shape {probs.shape}")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+
+    device = probs.device
+    features, compat = [], []
+    if gaussian is not None:
+        sxy, weight = _check_pair("gaussian", gaussian, 2)
+        grid = pixel_grid_features(height, width, (sxy, sxy), device)
+        features.append(grid.unsqueeze(0).expand(batch, -1, -1))
+        compat.append(torch.tensor(weight, dtype=torch.float32, device=device))
+    if bilateral is not None:
+        sxy, srgb, weight = _check_pair("bilateral", bilateral, 3)
+        features.append(bilateral_features(images, (sxy, sxy), (srgb, srgb, srgb)))
+        compat.append(torch.tensor(weight, dtype=torch.float32, device=device))
+
+    flat = probs.detach().reshape(batch, labels, height * width).to(torch.float32)
+    if not torch.isfinite(flat).all():
+        raise ValueError("probs contain NaN or infinite values")
+    unary = -torch.log(flat.clamp(PROBABILITY_CLIP, 1.0))
+    q = dense_crf_inference(
+        unary,
+        features,
+        compat,
+        [NORMALIZE_SYMMETRIC] * len(features),
+        iterations,
+        backend=backend,
+    )
+    return q.view(batch, labels, height, width)
