@@ -12,7 +12,6 @@ import glob
 import os
 
 from setuptools import setup
-
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -35,12 +34,14 @@ def _extension():
     sources += sorted(glob.glob(os.path.join("csrc", "crf", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "crf", "cpu", "*.cpp")))
     portable = os.environ.get("WSSS_FAST_PORTABLE", "") == "1"
+    # -ffp-contract=off: no fused multiply-add, so the lattice embedding rounds as
+    # pydensecrf does and points fall in the same simplices.
     # OpenMP is required: ATen's parallel_for is an inline `omp parallel` region, so
     # without -fopenmp it silently runs on one thread.
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-DNDEBUG"]
     if not portable:
         cxx_flags.append("-march=native")
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG"]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "crf", "cuda", "*.cu")))

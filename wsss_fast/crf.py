@@ -55,7 +55,8 @@ def _float32_matrix(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"{name} must be a numeric array, got dtype {array.dtype}")
     if array.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    # A copy, as pydensecrf makes: later changes to the caller's array change nothing.
+    array = np.array(array, dtype=np.float32, order="C", copy=True)
     if not np.isfinite(array).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return array
@@ -63,11 +64,18 @@ def _float32_matrix(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
 
 def _positive(name: str, value, count: int) -> tuple[float, ...]:
     """A number or a sequence of ``count`` numbers, each > 0."""
-    values = (value,) * count if isinstance(value, Number) else tuple(value)
+    if isinstance(value, Number):
+        values = (value,) * count
+    elif isinstance(value, Sequence | np.ndarray):
+        values = tuple(np.asarray(value).reshape(-1).tolist())
+    else:
+        raise ValueError(f"{name} must be a number or {count} numbers, got {value!r}")
     if len(values) != count:
         raise ValueError(f"{name} must be a number or {count} numbers, got {value!r}")
     for item in values:
-        if not isinstance(item, Number) or not np.isfinite(item) or item <= 0:
+        if isinstance(item, bool) or not isinstance(item, Number):
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        if not np.isfinite(item) or item <= 0:
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
     return tuple(float(item) for item in values)
 
@@ -88,14 +96,14 @@ class DenseCRF:
         self._compat: list[torch.Tensor] = []
         self._normalization: list[int] = []
 
-    def setUnaryEnergy(self, u, f=None) -> None:  # noqa: N802 (pydensecrf's name)
+    def setUnaryEnergy(self, u, f=None) -> None:
         """Sets the unary energies, float (nlabels, nvar)."""
         if f is not None:
             raise ValueError("setUnaryEnergy: logistic unaries (argument f) are not supported")
         unary = _float32_matrix("unary", u, (self._nlabels, self._nvar))
         self._unary = torch.from_numpy(unary).to(self._device).unsqueeze(0)
 
-    def addPairwiseEnergy(  # noqa: N802
+    def addPairwiseEnergy(
         self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
     ) -> None:
         """Adds a Gaussian kernel over float (d, nvar) features (already scaled)."""
@@ -109,7 +117,9 @@ class DenseCRF:
         if kernel not in KERNEL_TYPES:
             raise ValueError(f"kernel must be one of {KERNEL_TYPES}, got {kernel!r}")
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+            )
         if not 1 <= features.shape[0] <= 16:
             raise ValueError(f"features must have 1 to 16 dimensions, got {features.shape[0]}")
         self._compat.append(self._compat_tensor(compat))
@@ -148,12 +158,12 @@ class DenseCRF:
         """Runs ``n_iterations`` mean-field steps; returns float32 (nlabels, nvar) marginals."""
         return self._run(n_iterations, None)
 
-    def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: N802
+    def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns (Q, tmp1, tmp2) with Q = softmax(-unary), for ``stepInference``."""
         q = self._run(0, None)
         return q, np.empty_like(q), np.empty_like(q)
 
-    def stepInference(self, Q: np.ndarray, tmp1=None, tmp2=None) -> None:  # noqa: N802, N803
+    def stepInference(self, Q: np.ndarray, tmp1=None, tmp2=None) -> None:
         """One mean-field step, updating ``Q`` (float32 (nlabels, nvar)) in place."""
         if not isinstance(Q, np.ndarray) or Q.dtype != np.float32 or not Q.flags.writeable:
             raise ValueError("Q must be the writeable float32 array returned by startInference")
@@ -177,13 +187,13 @@ class DenseCRF2D(DenseCRF):
 
         return pixel_grid_features(self._height, self._width, sxy, "cpu")
 
-    def addPairwiseGaussian(  # noqa: N802
+    def addPairwiseGaussian(
         self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
     ) -> None:
         """Smoothness kernel on the position features (x / sx, y / sy)."""
         self._add_kernel(self._grid(_positive("sxy", sxy, 2)), compat, kernel, normalization)
 
-    def addPairwiseBilateral(  # noqa: N802
+    def addPairwiseBilateral(
         self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
     ) -> None:
         """Appearance kernel on (x / sx, y / sy, r / sr, g / sg, b / sb); rgbim uint8 (H, W, 3)."""
@@ -193,7 +203,9 @@ class DenseCRF2D(DenseCRF):
         expected = (self._height, self._width, 3)
         if image.shape != expected:
             hint = " (channels first? pass (H, W, 3))" if image.shape[:1] == (3,) else ""
-            raise ValueError(f"rgbim must have shape (H, W, 3) = {expected}, got {image.shape}{hint}")
+            raise ValueError(
+                f"rgbim must have shape (H, W, 3) = {expected}, got {image.shape}{hint}"
+            )
         if image.dtype != np.uint8:
             if image.dtype.kind not in "iuf" or image.min() < 0 or image.max() > 255:
                 raise ValueError(f"rgbim must be uint8 in [0, 255], got dtype {image.dtype}")
@@ -268,7 +280,9 @@ def create_pairwise_bilateral(sdims, schan, img, chdim: int = -1) -> np.ndarray:
     for channel, scale in enumerate(scales):
         channels[channel] /= scale
     spatial = channels.shape[1:]
-    mesh = np.array(np.meshgrid(*[range(size) for size in spatial], indexing="ij"), dtype=np.float32)
+    mesh = np.array(
+        np.meshgrid(*[range(size) for size in spatial], indexing="ij"), dtype=np.float32
+    )
     for axis, scale in enumerate(_positive("sdims", sdims, len(spatial))):
         mesh[axis] /= scale
     features = np.concatenate([mesh, channels])

@@ -19,6 +19,11 @@ BACKENDS = ("auto", "triton", "compiled", "reference")
 BACKEND_ENV_VAR = "WSSS_FAST_BACKEND"
 
 
+def _triton_runs_on(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under its interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _auto(device: torch.device, supported: tuple[str, ...]) -> str:
     if device.type == "cuda" and "triton" in supported:
         return "triton"
@@ -48,6 +53,13 @@ def resolve_backend(
             raise ValueError(
                 f"backend={choice!r} is not available for {op_name}; it supports "
                 f"{('auto', *supported)}"
+            )
+        return _auto(device, supported)
+    if choice == "triton" and not _triton_runs_on(device):
+        if from_argument:
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
+                f"is imported to run on {device.type} tensors; got {op_name} on {device}"
             )
         return _auto(device, supported)
     return choice

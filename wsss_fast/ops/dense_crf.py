@@ -7,7 +7,7 @@ GPU tensors); ``wsss_fast.crf`` is the pydensecrf-compatible face of the same op
 """
 
 from collections.abc import Sequence
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -70,7 +70,7 @@ def _check_pair(name: str, value, length: int) -> tuple[float, ...]:
     if not isinstance(value, Sequence) or len(value) != length:
         raise ValueError(f"{name} must be a tuple of {length} numbers, got {value!r}")
     for item in value:
-        if not isinstance(item, Real) or not item > 0:
+        if isinstance(item, bool) or not isinstance(item, Real) or not item > 0:
             raise ValueError(f"{name} entries must be positive numbers, got {value!r}")
     return tuple(float(item) for item in value)
 
@@ -142,8 +142,9 @@ def dense_crf(
         raise ValueError(f"images are on {images.device} but probs on {probs.device}")
     if labels < 1:
         raise ValueError(f"probs must have at least one label channel, got shape {probs.shape}")
-    if not isinstance(iterations, int) or iterations < 0:
+    if isinstance(iterations, bool) or not isinstance(iterations, Integral) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    iterations = int(iterations)
 
     device = probs.device
     features, compat = [], []

@@ -1,0 +1,664 @@
+// Dense CRF mean-field inference on the CPU.
+//
+// Layout: marginals are pixel-major (N, Mp), Mp = M rounded up to the vector width,
+// so every splat / slice touches whole contiguous label rows; lattice values are
+// (V + 1, Mp) with row 0 the all-zero "missing neighbour" row.
+//
+// One mean-field step is one pass over the pixels: slice the blurred values of every
+// kernel, apply the compatibility, add the unary, softmax, and splat the new
+// marginals straight into the next step's lattice values. Pixels are split into
+// contiguous chunks ("tasks"), each splatting into its own buffer; the buffers are
+// then summed in task order. With one task the sums are formed in pixel order, as
+// pydensecrf forms them; the result depends on the task count only through float
+// rounding, never on thread scheduling.
+//
+// Parallelism: over images when the batch has at least as many images as threads,
+// otherwise over pixels, lattice vertices and buffers within each image.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "crf/dense_crf.h"
+#include "crf/lattice.h"
+
+namespace wsss_fast {
+namespace crf {
+namespace {
+
+constexpr int64_t kLanes = 8;             // floats per AVX2 register: label rows are padded to it
+constexpr int64_t kPointsPerTask = 4096;  // smallest pixel chunk worth a task of its own
+
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Eight floats as one value: GCC / Clang vector extensions compile arithmetic on it
+// to SIMD instructions whatever the auto-vectoriser decides. Rows are padded to
+// whole Lanes; aligned(4) allows loads at any float position.
+typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t IntLanes __attribute__((vector_size(32), aligned(4), may_alias));
+static_assert(sizeof(Lanes) == kLanes * sizeof(float), "kLanes must match Lanes");
+
+inline Lanes* as_lanes(float* data) { return reinterpret_cast<Lanes*>(data); }
+inline const Lanes* as_lanes(const float* data) { return reinterpret_cast<const Lanes*>(data); }
+
+// exp(x) for x <= 0 (softmax after subtracting the max) to about 1 ulp: Cephes' expf,
+// 2^n * P(r) with x = n ln2 + r, on eight lanes at once.
+inline Lanes exp_nonpositive(Lanes x) {
+  const Lanes lowest = Lanes{} - 87.0f;
+  const Lanes zero = Lanes{};
+  x = x < lowest ? lowest : x;
+  x = x > zero ? zero : x;
+  // Round to nearest by adding and subtracting 1.5 * 2^23.
+  const Lanes n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Lanes r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  Lanes p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IntLanes bits = (__builtin_convertvector(n, IntLanes) + 127) << 23;
+  return p * reinterpret_cast<const Lanes&>(bits);
+}
+
+// Open-addressing hash table from lattice keys (d ints) to dense vertex ids.
+class KeyTable {
+ public:
+  explicit KeyTable(int key_size) : key_size_(key_size) { rehash(1 << 12); }
+
+  int32_t size() const { return count_; }
+  const int32_t* key(int32_t id) const { return keys_.data() + int64_t{id} * key_size_; }
+
+  int32_t find_or_insert(const int32_t* key) {
+    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
+    size_t slot = hash(key) & mask_;
+    while (true) {
+      const int32_t id = slots_[slot];
+      if (id < 0) {
+        keys_.insert(keys_.end(), key, key + key_size_);
+        slots_[slot] = count_;
+        return count_++;
+      }
+      if (same_key(key, this->key(id))) return id;
+      slot = (slot + 1) & mask_;
+    }
+  }
+
+  // Returns -1 when the key is not a vertex. Read-only: safe from many threads.
+  int32_t find(const int32_t* key) const {
+    size_t slot = hash(key) & mask_;
+    while (true) {
+      const int32_t id = slots_[slot];
+      if (id < 0 || same_key(key, this->key(id))) return id;
+      slot = (slot + 1) & mask_;
+    }
+  }
+
+ private:
+  // A plain loop: keys are a few ints, where std::equal would call memcmp.
+  bool same_key(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < key_size_; ++i) {
+      if (a[i] != b[i]) return false;
+    }
+    return true;
+  }
+
+  size_t hash(const int32_t* key) const {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < key_size_; ++i) {
+      h = (h ^ static_cast<uint32_t>(key[i])) * 0x100000001B3ull;
+    }
+    return static_cast<size_t>(h ^ (h >> 29));
+  }
+
+  void rehash(size_t capacity) {
+    slots_.assign(capacity, -1);
+    mask_ = capacity - 1;
+    for (int32_t id = 0; id < count_; ++id) {
+      size_t slot = hash(key(id)) & mask_;
+      while (slots_[slot] >= 0) slot = (slot + 1) & mask_;
+      slots_[slot] = id;
+    }
+  }
+
+  int key_size_;
+  int32_t count_ = 0;
+  size_t mask_ = 0;
+  std::vector<int32_t> keys_;
+  std::vector<int32_t> slots_;
+};
+
+// A lattice built for one set of points: where each point splats, and the blur graph.
+struct Lattice {
+  int dim = 0;                       // feature dimension d
+  int64_t num_points = 0;            // N
+  int64_t num_vertices = 0;          // V
+  std::vector<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
+  std::vector<float> weight;         // (N, d+1) barycentric weights
+  std::vector<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
+};
+
+// Splits [0, count) into `tasks` contiguous chunks and runs body(task, begin, end).
+template <typename Body>
+void for_each_task(int64_t count, int64_t tasks, const Body& body) {
+  auto run = [&](int64_t task) {
+    const int64_t begin = count * task / tasks;
+    const int64_t end = count * (task + 1) / tasks;
+    body(task, begin, end);
+  };
+  if (tasks == 1) {
+    run(0);
+    return;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) run(task);
+  });
+}
+
+int64_t task_count(int64_t work, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, work / kPointsPerTask));
+}
+
+// features: (d, N) at row stride `stride`.
+Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t num_points,
+                      int64_t threads) {
+  Lattice lattice;
+  lattice.dim = dim;
+  lattice.num_points = num_points;
+  const int corners = dim + 1;
+  lattice.vertex.resize(num_points * corners);
+  lattice.weight.resize(num_points * corners);
+  float scale[kMaxFeatureDim];
+  lattice_scale_factors(dim, scale);
+
+  // Embed every point (the arithmetic-heavy part, parallel): its simplex
+  // (remainder-0 point and ranks) and barycentric weights.
+  std::vector<int32_t> simplex(num_points * 2 * corners);
+  for_each_task(num_points, task_count(num_points, threads),
+                [&](int64_t, int64_t begin, int64_t end) {
+                  for (int64_t p = begin; p < end; ++p) {
+                    int32_t* rem0 = simplex.data() + p * 2 * corners;
+                    embed_point(features + p, stride, dim, scale, rem0, rem0 + corners,
+                                lattice.weight.data() + p * corners);
+                  }
+                });
+
+  // Give every distinct vertex an id (sequential). Neighbouring pixels usually lie
+  // in the same simplex: their vertex ids are then copied instead of looked up.
+  KeyTable table(dim);
+  int32_t key[kMaxFeatureDim];
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int32_t* rem0 = simplex.data() + p * 2 * corners;
+    int32_t* ids = lattice.vertex.data() + p * corners;
+    bool same_simplex = p > 0;
+    for (int i = 0; i < 2 * corners && same_simplex; ++i) same_simplex = rem0[i] == rem0[i - 2 * corners];
+    if (same_simplex) {
+      std::copy(ids - corners, ids, ids);
+      continue;
+    }
+    const int32_t* rank = rem0 + corners;
+    for (int r = 0; r <= dim; ++r) {
+      for (int i = 0; i < dim; ++i) key[i] = vertex_key(rem0, rank, dim, r, i);
+      ids[r] = table.find_or_insert(key) + 1;
+    }
+  }
+  // pydensecrf embeds points four at a time and fills the last block with points at
+  // the origin. Their vertices splat nothing but join the blur graph, so they change
+  // the result whenever N % 4 != 0: add them too. The origin has rem0 = 0 and
+  // rank_i = i.
+  if (num_points % 4 != 0) {
+    int32_t origin_rem0[kMaxFeatureDim + 1] = {};
+    int32_t origin_rank[kMaxFeatureDim + 1];
+    for (int i = 0; i <= dim; ++i) origin_rank[i] = i;
+    for (int r = 0; r <= dim; ++r) {
+      for (int i = 0; i < dim; ++i) key[i] = vertex_key(origin_rem0, origin_rank, dim, r, i);
+      table.find_or_insert(key);
+    }
+  }
+  simplex = {};
+  const int64_t vertices = table.size();
+  lattice.num_vertices = vertices;
+
+  // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table).
+  lattice.neighbours.resize(corners * vertices * 2);
+  for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
+    int32_t minus[kMaxFeatureDim + 1];
+    int32_t plus[kMaxFeatureDim + 1];
+    for (int axis = 0; axis <= dim; ++axis) {
+      int32_t* out = lattice.neighbours.data() + axis * vertices * 2;
+      for (int64_t v = begin; v < end; ++v) {
+        const int32_t* key = table.key(static_cast<int32_t>(v));
+        for (int i = 0; i < dim; ++i) {
+          minus[i] = key[i] - 1;
+          plus[i] = key[i] + 1;
+        }
+        // Axis d is the implicit last coordinate: there every stored one moves.
+        if (axis < dim) {
+          minus[axis] = key[axis] + dim;
+          plus[axis] = key[axis] - dim;
+        }
+        out[2 * v] = table.find(minus) + 1;
+        out[2 * v + 1] = table.find(plus) + 1;
+      }
+    }
+  });
+  return lattice;
+}
+
+// One blur pass per axis over `channels`-wide rows; returns the buffer holding the
+// result (either `values` or `scratch`). Row 0 stays zero in both. pydensecrf blurs
+// in double for at most two channels, in float otherwise (`sequential_rounding`).
+float* blur(const Lattice& lattice, float* values, float* scratch, int64_t channels,
+            bool sequential_rounding, int64_t threads) {
+  const int64_t vertices = lattice.num_vertices;
+  for (int axis = 0; axis <= lattice.dim; ++axis) {
+    const int32_t* pairs = lattice.neighbours.data() + axis * vertices * 2;
+    const float* old_values = values;
+    float* new_values = scratch;
+    for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) {
+        const float* self = old_values + (v + 1) * channels;
+        const float* first = old_values + int64_t{pairs[2 * v]} * channels;
+        const float* second = old_values + int64_t{pairs[2 * v + 1]} * channels;
+        float* out = new_values + (v + 1) * channels;
+        if (sequential_rounding) {
+          for (int64_t c = 0; c < channels; ++c) {
+            out[c] = static_cast<float>(self[c] + 0.5 * (first[c] + second[c]));
+          }
+        } else {
+          for (int64_t j = 0; j < channels / kLanes; ++j) {
+            as_lanes(out)[j] = as_lanes(self)[j] + 0.5f * (as_lanes(first)[j] + as_lanes(second)[j]);
+          }
+        }
+      }
+    });
+    std::swap(values, scratch);
+  }
+  return values;
+}
+
+// out = sum over the point's d+1 vertices of weight * alpha * values, for a row of
+// one channel (the normaliser), in pydensecrf's rounding order for that case.
+inline float slice_scalar(const Lattice& lattice, const float* values, int64_t point,
+                          float alpha) {
+  const int corners = lattice.dim + 1;
+  const int32_t* ids = lattice.vertex.data() + point * corners;
+  const float* weights = lattice.weight.data() + point * corners;
+  float out = 0.0f;
+  for (int r = 0; r < corners; ++r) out += weights[r] * values[ids[r]] * alpha;
+  return out;
+}
+
+// A pairwise kernel ready for inference on one image: its lattice and normaliser.
+struct PreparedKernel {
+  Lattice lattice;
+  Normalization mode = kNormalizeSymmetric;
+  std::vector<float> norm;  // (N) per-point factor; empty for NO_NORMALIZATION
+  bool scale_before() const { return mode == kNormalizeSymmetric || mode == kNormalizeBefore; }
+  bool scale_after() const { return mode == kNormalizeSymmetric || mode == kNormalizeAfter; }
+};
+
+PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, int64_t points,
+                              Normalization mode, int64_t threads) {
+  PreparedKernel kernel;
+  kernel.lattice = build_lattice(features, stride, dim, points, threads);
+  kernel.mode = mode;
+  if (mode == kNoNormalization) return kernel;
+  // norm = K applied to ones, one channel, in pydensecrf's single-channel rounding.
+  const Lattice& lattice = kernel.lattice;
+  const int corners = dim + 1;
+  const int64_t rows = lattice.num_vertices + 1;
+  std::vector<float> values(rows, 0.0f);
+  std::vector<float> scratch(rows, 0.0f);
+  for (int64_t i = 0; i < points * corners; ++i) values[lattice.vertex[i]] += lattice.weight[i];
+  const float* blurred = blur(lattice, values.data(), scratch.data(), 1, true, threads);
+  const float alpha = lattice_alpha(dim);
+  kernel.norm.resize(points);
+  for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const double shifted = static_cast<double>(slice_scalar(lattice, blurred, p, alpha)) + 1e-20;
+      kernel.norm[p] = static_cast<float>(mode == kNormalizeSymmetric ? 1.0 / std::sqrt(shifted)
+                                                                       : 1.0 / shifted);
+    }
+  });
+  return kernel;
+}
+
+// Compatibility of one kernel, padded to the label stride.
+struct Compatibility {
+  CompatKind kind = kPotts;
+  float potts = 0.0f;
+  std::vector<float> weights;  // (Mp) diagonal, or (M, Mp) symmetrised matrix rows
+};
+
+Compatibility read_compatibility(const at::Tensor& tensor, int64_t labels, int64_t stride) {
+  Compatibility compat;
+  const at::Tensor values = tensor.contiguous();
+  const float* data = values.data_ptr<float>();
+  if (values.dim() == 0) {
+    compat.kind = kPotts;
+    compat.potts = data[0];
+  } else if (values.dim() == 1) {
+    compat.kind = kDiagonal;
+    compat.weights.assign(stride, 0.0f);
+    std::copy(data, data + labels, compat.weights.begin());
+  } else {
+    compat.kind = kMatrix;
+    compat.weights.assign(labels * stride, 0.0f);
+    for (int64_t i = 0; i < labels; ++i) {
+      for (int64_t j = 0; j < labels; ++j) {
+        compat.weights[i * stride + j] = 0.5f * (data[i * labels + j] + data[j * labels + i]);
+      }
+    }
+  }
+  return compat;
+}
+
+// Everything one mean-field pass over the pixels of an image reads and writes.
+struct MeanFieldPass {
+  int64_t labels = 0;
+  int64_t chunks = 0;  // label stride / kLanes
+  bool sequential_rounding = false;
+  const float* neg_unary = nullptr;  // (N, stride)
+  float* q = nullptr;                // (N, stride)
+  std::vector<const PreparedKernel*> kernels;
+  std::vector<const Compatibility*> compat;
+  std::vector<float> alpha;            // per kernel
+  bool update_q = false;               // recompute q = softmax(energy)
+  bool slice = false;                  // energy includes the kernels (else -unary alone)
+  std::vector<const float*> blurred;   // per kernel: the values to slice
+  std::vector<float*> splat_targets;   // kernel k, task t at k * tasks + t; empty: no splat
+};
+
+// For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
+// slice_k)) (the kernels only when `slice`); then, if splat targets are set, splat q
+// into this task's buffers. kChunks > 0 fixes the label stride at compile
+// time, so that a pixel's rows stay in registers; 0 reads it from the pass.
+template <int kChunks>
+void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
+  const int64_t chunks = kChunks > 0 ? kChunks : pass.chunks;
+  const int64_t stride = chunks * kLanes;
+  const int64_t labels = pass.labels;
+  const size_t num_kernels = pass.kernels.size();
+  const bool do_splat = !pass.splat_targets.empty();
+  const size_t tasks = do_splat ? pass.splat_targets.size() / num_kernels : 0;
+  constexpr int kLocal = kChunks > 0 ? kChunks : 1;
+  Lanes energy_local[kLocal], filtered_local[kLocal], scaled_local[kLocal];
+  std::vector<Lanes> heap(kChunks > 0 ? 0 : 3 * chunks);
+  Lanes* energy = kChunks > 0 ? energy_local : heap.data();
+  Lanes* filtered = kChunks > 0 ? filtered_local : heap.data() + chunks;
+  Lanes* scaled = kChunks > 0 ? scaled_local : heap.data() + 2 * chunks;
+
+  for (int64_t p = begin; p < end; ++p) {
+    Lanes* q = as_lanes(pass.q + p * stride);
+    if (pass.update_q) {
+      const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
+      for (int64_t j = 0; j < chunks; ++j) energy[j] = unary[j];
+      for (size_t k = 0; pass.slice && k < num_kernels; ++k) {
+        const PreparedKernel& kernel = *pass.kernels[k];
+        const Lattice& lattice = kernel.lattice;
+        const int corners = lattice.dim + 1;
+        const int32_t* ids = lattice.vertex.data() + p * corners;
+        const float* weights = lattice.weight.data() + p * corners;
+        const float alpha = pass.alpha[k];
+        for (int64_t j = 0; j < chunks; ++j) filtered[j] = Lanes{};
+        // pydensecrf slices (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise.
+        for (int r = 0; r < corners; ++r) {
+          const Lanes* row = as_lanes(pass.blurred[k] + int64_t{ids[r]} * stride);
+          if (pass.sequential_rounding) {
+            for (int64_t j = 0; j < chunks; ++j) filtered[j] += weights[r] * row[j] * alpha;
+          } else {
+            const float w = weights[r] * alpha;
+            for (int64_t j = 0; j < chunks; ++j) filtered[j] += w * row[j];
+          }
+        }
+        if (kernel.scale_after()) {
+          const float n = kernel.norm[p];
+          for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
+        }
+        // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
+        const Compatibility& compat = *pass.compat[k];
+        if (compat.kind == kPotts) {
+          for (int64_t j = 0; j < chunks; ++j) energy[j] += compat.potts * filtered[j];
+        } else if (compat.kind == kDiagonal) {
+          const Lanes* v = as_lanes(compat.weights.data());
+          for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
+        } else {
+          const float* f = reinterpret_cast<const float*>(filtered);
+          float* e = reinterpret_cast<float*>(energy);
+          for (int64_t i = 0; i < labels; ++i) {
+            const float* row = compat.weights.data() + i * stride;
+            float sum = 0.0f;
+            for (int64_t l = 0; l < labels; ++l) sum += row[l] * f[l];
+            e[i] -= sum;
+          }
+        }
+      }
+      // Softmax over the real labels; padding lanes get 0.
+      const float* e = reinterpret_cast<const float*>(energy);
+      float top = e[0];
+      for (int64_t c = 1; c < labels; ++c) top = std::max(top, e[c]);
+      for (int64_t j = 0; j < chunks; ++j) q[j] = exp_nonpositive(energy[j] - top);
+      float* qf = reinterpret_cast<float*>(q);
+      float total = 0.0f;
+      for (int64_t c = 0; c < labels; ++c) total += qf[c];
+      for (int64_t j = 0; j < chunks; ++j) q[j] = q[j] / total;
+      for (int64_t c = labels; c < stride; ++c) qf[c] = 0.0f;
+    }
+    if (do_splat) {
+      for (size_t k = 0; k < num_kernels; ++k) {
+        const PreparedKernel& kernel = *pass.kernels[k];
+        const Lattice& lattice = kernel.lattice;
+        const int corners = lattice.dim + 1;
+        const int32_t* ids = lattice.vertex.data() + p * corners;
+        const float* weights = lattice.weight.data() + p * corners;
+        const Lanes* source = q;
+        if (kernel.scale_before()) {
+          const float n = kernel.norm[p];
+          for (int64_t j = 0; j < chunks; ++j) scaled[j] = q[j] * n;
+          source = scaled;
+        }
+        float* values = pass.splat_targets[k * tasks + task];
+        for (int r = 0; r < corners; ++r) {
+          Lanes* row = as_lanes(values + int64_t{ids[r]} * stride);
+          const float w = weights[r];
+          for (int64_t j = 0; j < chunks; ++j) row[j] += w * source[j];
+        }
+      }
+    }
+  }
+}
+
+void run_mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
+  switch (pass.chunks) {
+    case 1: return mean_field_points<1>(pass, task, begin, end);
+    case 2: return mean_field_points<2>(pass, task, begin, end);
+    case 3: return mean_field_points<3>(pass, task, begin, end);
+    case 4: return mean_field_points<4>(pass, task, begin, end);
+    default: return mean_field_points<0>(pass, task, begin, end);
+  }
+}
+
+// Mean-field inference for one image.
+//   unary (M, N), init_q (M, N) or null, out (M, N).
+void infer_image(const float* unary, const float* init_q, float* out, int64_t labels,
+                 int64_t points, const std::vector<const PreparedKernel*>& kernels,
+                 const std::vector<Compatibility>& compat, int64_t iterations, int64_t threads) {
+  const int64_t stride = round_up(labels, kLanes);
+  const int64_t tasks = task_count(points, threads);
+  const size_t num_kernels = kernels.size();
+
+  // Pixel-major copies of -unary and of the marginals.
+  std::vector<float> neg_unary(points * stride, 0.0f);
+  std::vector<float> q(points * stride, 0.0f);
+  for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < labels; ++c) {
+      for (int64_t p = begin; p < end; ++p) neg_unary[p * stride + c] = -unary[c * points + p];
+      if (init_q != nullptr) {
+        for (int64_t p = begin; p < end; ++p) q[p * stride + c] = init_q[c * points + p];
+      }
+    }
+  });
+
+  MeanFieldPass pass;
+  pass.labels = labels;
+  pass.chunks = stride / kLanes;
+  pass.sequential_rounding = labels <= 2;
+  pass.neg_unary = neg_unary.data();
+  pass.q = q.data();
+  pass.kernels = kernels;
+  for (size_t k = 0; k < num_kernels; ++k) {
+    pass.compat.push_back(&compat[k]);
+    pass.alpha.push_back(lattice_alpha(kernels[k]->lattice.dim));
+  }
+
+  // Per kernel: the values being blurred and sliced, a blur scratch buffer and one
+  // splat buffer per task (task buffers of kernel k at k * tasks + task).
+  std::vector<std::vector<float>> values(num_kernels), scratch(num_kernels);
+  std::vector<std::vector<float>> splat(num_kernels * tasks);
+  if (iterations > 0) {
+    for (size_t k = 0; k < num_kernels; ++k) {
+      const int64_t size = (kernels[k]->lattice.num_vertices + 1) * stride;
+      values[k].assign(size, 0.0f);
+      scratch[k].assign(size, 0.0f);
+      for (int64_t t = 0; t < tasks; ++t) splat[k * tasks + t].assign(size, 0.0f);
+    }
+  }
+  auto set_splat_targets = [&](bool enabled) {
+    pass.splat_targets.clear();
+    if (!enabled) return;
+    for (auto& buffer : splat) pass.splat_targets.push_back(buffer.data());
+  };
+
+  // Sums the task buffers into `values` in task order and clears them.
+  auto gather_splats = [&]() {
+    for (size_t k = 0; k < num_kernels; ++k) {
+      if (tasks == 1) {
+        std::swap(values[k], splat[k]);
+        std::fill(splat[k].begin(), splat[k].end(), 0.0f);
+        continue;
+      }
+      const int64_t rows = kernels[k]->lattice.num_vertices + 1;
+      for_each_task(rows, task_count(rows, threads), [&](int64_t, int64_t begin, int64_t end) {
+        float* target = values[k].data();
+        std::fill(target + begin * stride, target + end * stride, 0.0f);
+        for (int64_t t = 0; t < tasks; ++t) {
+          float* source = splat[k * tasks + t].data();
+          for (int64_t i = begin * stride; i < end * stride; ++i) {
+            target[i] += source[i];
+            source[i] = 0.0f;
+          }
+        }
+      });
+    }
+  };
+
+  auto run_pass = [&]() {
+    for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
+      run_mean_field_points(pass, task, begin, end);
+    });
+  };
+
+  // Q0 = softmax(-unary), or init_q; splatted for the first step.
+  pass.update_q = init_q == nullptr;
+  set_splat_targets(iterations > 0);
+  run_pass();
+  if (iterations > 0) gather_splats();
+
+  pass.slice = true;
+  pass.update_q = true;
+  pass.blurred.resize(num_kernels);
+  for (int64_t iteration = 0; iteration < iterations; ++iteration) {
+    for (size_t k = 0; k < num_kernels; ++k) {
+      float* result = blur(kernels[k]->lattice, values[k].data(), scratch[k].data(), stride,
+                           pass.sequential_rounding, threads);
+      if (result != values[k].data()) std::swap(values[k], scratch[k]);
+      pass.blurred[k] = values[k].data();
+    }
+    const bool last = iteration + 1 == iterations;
+    set_splat_targets(!last);
+    run_pass();
+    if (!last) gather_splats();
+  }
+
+  for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < labels; ++c) {
+      float* target = out + c * points;
+      for (int64_t p = begin; p < end; ++p) target[p] = q[p * stride + c];
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
+                                   at::TensorList compat, at::IntArrayRef normalization,
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q) {
+  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q);
+  const int64_t batch = unary.size(0);
+  const int64_t labels = unary.size(1);
+  const int64_t points = unary.size(2);
+  const int64_t stride = round_up(labels, kLanes);
+  const at::Tensor unary_c = unary.contiguous();
+  at::Tensor init_c;
+  if (init_q.has_value()) init_c = init_q->contiguous();
+  at::Tensor out = at::empty({batch, labels, points}, unary.options());
+  const size_t num_kernels = features.size();
+
+  std::vector<at::Tensor> feature_c(num_kernels);
+  std::vector<bool> shared(num_kernels);
+  std::vector<Compatibility> compat_rows(num_kernels);
+  for (size_t k = 0; k < num_kernels; ++k) {
+    // A batch stride of 0 (an expanded tensor) means one lattice for every image.
+    shared[k] = batch == 1 || features[k].stride(0) == 0;
+    at::Tensor first = shared[k] ? features[k][0] : features[k];
+    feature_c[k] = first.contiguous();
+    compat_rows[k] = read_compatibility(compat[k], labels, stride);
+  }
+
+  const int64_t threads = at::get_num_threads();
+  auto prepare = [&](size_t k, int64_t image, int64_t inner_threads) {
+    const int dim = static_cast<int>(features[k].size(1));
+    const float* data = feature_c[k].data_ptr<float>() + (shared[k] ? 0 : image * dim * points);
+    return std::make_unique<PreparedKernel>(prepare_kernel(
+        data, points, dim, points, static_cast<Normalization>(normalization[k]), inner_threads));
+  };
+
+  // Lattices shared by the whole batch are built once, with every thread.
+  std::vector<std::unique_ptr<PreparedKernel>> shared_kernels(num_kernels);
+  for (size_t k = 0; k < num_kernels; ++k) {
+    if (shared[k]) shared_kernels[k] = prepare(k, 0, threads);
+  }
+
+  auto run_image = [&](int64_t image, int64_t inner_threads) {
+    std::vector<std::unique_ptr<PreparedKernel>> own(num_kernels);
+    std::vector<const PreparedKernel*> kernels(num_kernels);
+    for (size_t k = 0; k < num_kernels; ++k) {
+      if (!shared[k]) own[k] = prepare(k, image, inner_threads);
+      kernels[k] = shared[k] ? shared_kernels[k].get() : own[k].get();
+    }
+    const int64_t offset = image * labels * points;
+    infer_image(unary_c.data_ptr<float>() + offset,
+                init_c.defined() ? init_c.data_ptr<float>() + offset : nullptr,
+                out.data_ptr<float>() + offset, labels, points, kernels, compat_rows, iterations,
+                inner_threads);
+  };
+
+  if (batch >= threads && threads > 1) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t image = begin; image < end; ++image) run_image(image, 1);
+    });
+  } else {
+    for (int64_t image = 0; image < batch; ++image) run_image(image, threads);
+  }
+  return out;
+}
+
+}  // namespace crf
+}  // namespace wsss_fast
