@@ -1,0 +1,56 @@
+"""adaptive_topk_pool: fused (Triton) against the reference, forward and forward+backward.
+
+Shape of performance.md: APC's patch scores (16, 21, 576) for a 384 crop, softmax
+probabilities, gamma 0.5, k_max = N / 4. Each group holds the fused and the reference
+case side by side. The Triton cases need CUDA; the reference cases also run on CPU.
+Peak memory above the inputs goes to ``extra_info`` on CUDA.
+"""
+
+import pytest
+import torch
+
+from bench.measure import peak_extra_memory_mib
+from wsss_fast.ops import adaptive_topk_pool
+
+SHAPE = (16, 21, 576)
+GAMMA = 0.5
+K_MAX = SHAPE[2] // 4
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_adaptive_topk_pool(benchmark, backend, mode):
+    on_cuda = torch.cuda.is_available()
+    if backend == "triton" and not on_cuda:
+        pytest.skip("the Triton kernels are timed on CUDA only")
+    device = "cuda" if on_cuda else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    scores = (3.0 * torch.randn(SHAPE, generator=generator)).softmax(dim=1).to(device)
+    synchronize = torch.cuda.synchronize if on_cuda else lambda: None
+
+    if mode == "forward":
+
+        def step():
+            with torch.no_grad():
+                adaptive_topk_pool(scores, gamma=GAMMA, k_max=K_MAX, backend=backend)
+            synchronize()
+
+    else:
+        scores.requires_grad_()
+
+        def step():
+            adaptive_topk_pool(scores, gamma=GAMMA, k_max=K_MAX, backend=backend).sum().backward()
+            scores.grad = None
+            synchronize()
+
+    benchmark.group = f"adaptive_topk_pool {mode} {'x'.join(map(str, SHAPE))} float32 {device}"
+    benchmark.extra_info.update(
+        backend=backend,
+        shape=list(SHAPE),
+        dtype="float32",
+        device=torch.cuda.get_device_name() if on_cuda else "cpu",
+    )
+    step()  # warm-up: Triton compilation, allocator caches
+    if on_cuda:
+        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
+    benchmark(step)
