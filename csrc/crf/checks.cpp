@@ -21,7 +21,10 @@ void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
                     "unary must have B, M, N > 0, got shape ", unary.sizes());
   TORCH_CHECK_VALUE(points < (int64_t{1} << 31) / (kMaxFeatureDim + 1),
                     "unary has too many points per image: ", points);
-  TORCH_CHECK_VALUE(at::isfinite(unary).all().item<bool>(),
+  // The CPU implementation checks finiteness while it reads the values (one pass
+  // less over them); other devices check here.
+  const bool check_values = unary.device().type() != at::kCPU;
+  TORCH_CHECK_VALUE(!check_values || at::isfinite(unary).all().item<bool>(),
                     "unary contains NaN or infinite energies");
   TORCH_CHECK_VALUE(iterations >= 0, "iterations must be >= 0, got ", iterations);
   TORCH_CHECK_VALUE(features.size() == compat.size() && compat.size() == normalization.size(),
@@ -39,7 +42,7 @@ void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
                       "] must be float32, got ", feature.scalar_type());
     TORCH_CHECK_VALUE(feature.device() == unary.device(), "features[", k, "] is on ",
                       feature.device(), " but unary on ", unary.device());
-    TORCH_CHECK_VALUE(at::isfinite(feature).all().item<bool>(), "features[", k,
+    TORCH_CHECK_VALUE(!check_values || at::isfinite(feature).all().item<bool>(), "features[", k,
                       "] contains NaN or infinite values");
 
     const at::Tensor& weights = compat[k];

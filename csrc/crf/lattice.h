@@ -92,15 +92,15 @@ WSSS_HD void embed_point(const float* feature, int64_t feature_stride, int d,
     sum += v;
     rank[i] = 0;
   }
-  // Rank of each coordinate's residual in the sorted order.
+  // Rank of each coordinate's residual in the sorted order (branch-free: the
+  // comparisons are data-dependent, unpredictable on a CPU, divergent on a GPU).
+  float residual[kMaxFeatureDim + 1];
+  for (int i = 0; i <= d; ++i) residual[i] = sub_rn(elevated[i], rem0_f[i]);
   for (int i = 0; i < d; ++i) {
-    const float di = sub_rn(elevated[i], rem0_f[i]);
     for (int j = i + 1; j <= d; ++j) {
-      if (di < sub_rn(elevated[j], rem0_f[j])) {
-        ++rank[i];
-      } else {
-        ++rank[j];
-      }
+      const int i_below = residual[i] < residual[j];
+      rank[i] += i_below;
+      rank[j] += 1 - i_below;
     }
   }
   // Bring the point back onto the plane when the rounded coordinates do not sum to 0.

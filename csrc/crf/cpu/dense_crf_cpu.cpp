@@ -18,7 +18,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -31,6 +35,7 @@ namespace {
 
 constexpr int64_t kLanes = 8;             // floats per AVX2 register: label rows are padded to it
 constexpr int64_t kPointsPerTask = 4096;  // smallest pixel chunk worth a task of its own
+constexpr int64_t kTransposeBlock = 256;  // pixels per block of the (M, N) <-> (N, Mp) copies
 
 int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -39,33 +44,67 @@ int64_t round_up(int64_t value, int64_t multiple) {
 // Eight floats as one value: GCC / Clang vector extensions compile arithmetic on it
 // to SIMD instructions whatever the auto-vectoriser decides. Rows are padded to
 // whole Lanes; aligned(4) allows loads at any float position.
-typedef float Lanes __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t IntLanes __attribute__((vector_size(32), aligned(4), may_alias));
+// (GCC and Clang let a float vector alias floats, so float rows may be read as Lanes.)
+typedef float Lanes __attribute__((vector_size(32), aligned(4)));
+typedef int32_t IntLanes __attribute__((vector_size(32), aligned(4)));
 static_assert(sizeof(Lanes) == kLanes * sizeof(float), "kLanes must match Lanes");
 
-inline Lanes* as_lanes(float* data) { return reinterpret_cast<Lanes*>(data); }
-inline const Lanes* as_lanes(const float* data) { return reinterpret_cast<const Lanes*>(data); }
+// a * b + c. One fused instruction where the CPU has FMA: the mean-field arithmetic
+// then rounds once where pydensecrf rounds twice, an ulp-level difference. (The
+// lattice embedding, where rounding decides simplices, never uses it.)
+inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) {
+#if defined(__FMA__)
+  return reinterpret_cast<Lanes>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a),
+                                                 reinterpret_cast<__m256>(b),
+                                                 reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
+}
+
+inline Lanes multiply_add(float a, Lanes b, Lanes c) { return multiply_add(Lanes{} + a, b, c); }
+
+// Max and sum over the eight lanes, broadcast to every lane (three shuffle steps).
+inline Lanes all_lanes_max(Lanes v) {
+  const IntLanes swaps[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5},
+                             {1, 0, 3, 2, 5, 4, 7, 6}};
+  for (const IntLanes& swap : swaps) {
+    const Lanes other = __builtin_shuffle(v, swap);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+inline Lanes all_lanes_sum(Lanes v) {
+  const IntLanes swaps[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5},
+                             {1, 0, 3, 2, 5, 4, 7, 6}};
+  for (const IntLanes& swap : swaps) v += __builtin_shuffle(v, swap);
+  return v;
+}
 
 // exp(x) for x <= 0 (softmax after subtracting the max) to about 1 ulp: Cephes' expf,
-// 2^n * P(r) with x = n ln2 + r, on eight lanes at once.
+// 2^n * P(r) with x = n ln2 + r, on eight lanes at once. Below -87 the result would
+// leave the normal range; it is clamped there (< 2e-38 of the largest term).
 inline Lanes exp_nonpositive(Lanes x) {
   const Lanes lowest = Lanes{} - 87.0f;
   const Lanes zero = Lanes{};
   x = x < lowest ? lowest : x;
-  x = x > zero ? zero : x;
   // Round to nearest by adding and subtracting 1.5 * 2^23.
   const Lanes n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const Lanes r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   Lanes p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = multiply_add(p, r, zero + 1.3981999507e-3f);
+  p = multiply_add(p, r, zero + 8.3334519073e-3f);
+  p = multiply_add(p, r, zero + 4.1665795894e-2f);
+  p = multiply_add(p, r, zero + 1.6666665459e-1f);
+  p = multiply_add(p, r, zero + 5.0000001201e-1f);
+  p = multiply_add(p, r * r, r + 1.0f);
   const IntLanes bits = (__builtin_convertvector(n, IntLanes) + 127) << 23;
-  return p * reinterpret_cast<const Lanes&>(bits);
+  return p * reinterpret_cast<Lanes>(bits);  // a vector cast reinterprets the bits
 }
+
+inline Lanes* as_lanes(float* data) { return reinterpret_cast<Lanes*>(data); }
+inline const Lanes* as_lanes(const float* data) { return reinterpret_cast<const Lanes*>(data); }
 
 // Open-addressing hash table from lattice keys (d ints) to dense vertex ids.
 class KeyTable {
@@ -165,7 +204,27 @@ int64_t task_count(int64_t work, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, work / kPointsPerTask));
 }
 
-// features: (d, N) at row stride `stride`.
+// 1 when x is NaN or infinite (all exponent bits set), else 0. Integer bit tests, so
+// that loops OR-ing them up vectorise and carry no floating-point dependency chain.
+inline uint32_t not_finite(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+
+bool all_finite(const float* data, int64_t count, int64_t threads) {
+  const int64_t tasks = task_count(count, threads);
+  std::vector<uint32_t> bad(tasks, 0);
+  for_each_task(count, tasks, [&](int64_t task, int64_t begin, int64_t end) {
+    uint32_t found = 0;
+    for (int64_t i = begin; i < end; ++i) found |= not_finite(data[i]);
+    bad[task] = found;
+  });
+  return std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; });
+}
+
+// features: (d, N) at row stride `stride`, all finite (the embedding converts them to
+// integers).
 Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t num_points,
                       int64_t threads) {
   Lattice lattice;
@@ -273,7 +332,8 @@ float* blur(const Lattice& lattice, float* values, float* scratch, int64_t chann
           }
         } else {
           for (int64_t j = 0; j < channels / kLanes; ++j) {
-            as_lanes(out)[j] = as_lanes(self)[j] + 0.5f * (as_lanes(first)[j] + as_lanes(second)[j]);
+            as_lanes(out)[j] =
+                multiply_add(0.5f, as_lanes(first)[j] + as_lanes(second)[j], as_lanes(self)[j]);
           }
         }
       }
@@ -370,11 +430,30 @@ struct MeanFieldPass {
   std::vector<const PreparedKernel*> kernels;
   std::vector<const Compatibility*> compat;
   std::vector<float> alpha;            // per kernel
+  Lanes last_chunk_mask{};             // 1 on the real labels of the last chunk, else 0
   bool update_q = false;               // recompute q = softmax(energy)
   bool slice = false;                  // energy includes the kernels (else -unary alone)
   std::vector<const float*> blurred;   // per kernel: the values to slice
   std::vector<float*> splat_targets;   // kernel k, task t at k * tasks + t; empty: no splat
 };
+
+constexpr int64_t kPrefetchDistance = 4;
+
+inline void prefetch_rows(const MeanFieldPass& pass, int64_t task, int64_t point,
+                          int64_t stride) {
+  const size_t num_kernels = pass.kernels.size();
+  const size_t tasks = pass.splat_targets.size() / std::max<size_t>(num_kernels, 1);
+  for (size_t k = 0; k < num_kernels; ++k) {
+    const Lattice& lattice = pass.kernels[k]->lattice;
+    const int corners = lattice.dim + 1;
+    const int32_t* ids = lattice.vertex.data() + point * corners;
+    for (int r = 0; r < corners; ++r) {
+      const int64_t offset = int64_t{ids[r]} * stride;
+      if (pass.slice) __builtin_prefetch(pass.blurred[k] + offset);
+      if (tasks > 0) __builtin_prefetch(pass.splat_targets[k * tasks + task] + offset, 1);
+    }
+  }
+}
 
 // For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
 // slice_k)) (the kernels only when `slice`); then, if splat targets are set, splat q
@@ -390,12 +469,15 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   const size_t tasks = do_splat ? pass.splat_targets.size() / num_kernels : 0;
   constexpr int kLocal = kChunks > 0 ? kChunks : 1;
   Lanes energy_local[kLocal], filtered_local[kLocal], scaled_local[kLocal];
-  std::vector<Lanes> heap(kChunks > 0 ? 0 : 3 * chunks);
-  Lanes* energy = kChunks > 0 ? energy_local : heap.data();
-  Lanes* filtered = kChunks > 0 ? filtered_local : heap.data() + chunks;
-  Lanes* scaled = kChunks > 0 ? scaled_local : heap.data() + 2 * chunks;
+  std::vector<float> heap(kChunks > 0 ? 0 : 3 * stride);
+  Lanes* energy = kChunks > 0 ? energy_local : as_lanes(heap.data());
+  Lanes* filtered = kChunks > 0 ? filtered_local : as_lanes(heap.data() + stride);
+  Lanes* scaled = kChunks > 0 ? scaled_local : as_lanes(heap.data() + 2 * stride);
 
   for (int64_t p = begin; p < end; ++p) {
+    // The vertex rows a few pixels ahead are random accesses into megabytes of lattice
+    // values: ask for them early.
+    if (p + kPrefetchDistance < end) prefetch_rows(pass, task, p + kPrefetchDistance, stride);
     Lanes* q = as_lanes(pass.q + p * stride);
     if (pass.update_q) {
       const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
@@ -415,7 +497,7 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
             for (int64_t j = 0; j < chunks; ++j) filtered[j] += weights[r] * row[j] * alpha;
           } else {
             const float w = weights[r] * alpha;
-            for (int64_t j = 0; j < chunks; ++j) filtered[j] += w * row[j];
+            for (int64_t j = 0; j < chunks; ++j) filtered[j] = multiply_add(w, row[j], filtered[j]);
           }
         }
         if (kernel.scale_after()) {
@@ -425,7 +507,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
         // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
         const Compatibility& compat = *pass.compat[k];
         if (compat.kind == kPotts) {
-          for (int64_t j = 0; j < chunks; ++j) energy[j] += compat.potts * filtered[j];
+          for (int64_t j = 0; j < chunks; ++j) {
+            energy[j] = multiply_add(compat.potts, filtered[j], energy[j]);
+          }
         } else if (compat.kind == kDiagonal) {
           const Lanes* v = as_lanes(compat.weights.data());
           for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
@@ -440,16 +524,19 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
           }
         }
       }
-      // Softmax over the real labels; padding lanes get 0.
-      const float* e = reinterpret_cast<const float*>(energy);
-      float top = e[0];
-      for (int64_t c = 1; c < labels; ++c) top = std::max(top, e[c]);
-      for (int64_t j = 0; j < chunks; ++j) q[j] = exp_nonpositive(energy[j] - top);
-      float* qf = reinterpret_cast<float*>(q);
-      float total = 0.0f;
-      for (int64_t c = 0; c < labels; ++c) total += qf[c];
-      for (int64_t j = 0; j < chunks; ++j) q[j] = q[j] / total;
-      for (int64_t c = labels; c < stride; ++c) qf[c] = 0.0f;
+      // Softmax. Padding lanes hold -inf energy (they never receive a message), so
+      // they drop out of the max; after exp the mask zeroes them.
+      Lanes top = energy[0];
+      for (int64_t j = 1; j < chunks; ++j) top = top > energy[j] ? top : energy[j];
+      top = all_lanes_max(top);
+      Lanes total = Lanes{};
+      for (int64_t j = 0; j < chunks; ++j) {
+        q[j] = exp_nonpositive(energy[j] - top);
+        if (j + 1 == chunks) q[j] *= pass.last_chunk_mask;
+        total += q[j];
+      }
+      const Lanes inverse = 1.0f / all_lanes_sum(total);
+      for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
     }
     if (do_splat) {
       for (size_t k = 0; k < num_kernels; ++k) {
@@ -468,7 +555,7 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
         for (int r = 0; r < corners; ++r) {
           Lanes* row = as_lanes(values + int64_t{ids[r]} * stride);
           const float w = weights[r];
-          for (int64_t j = 0; j < chunks; ++j) row[j] += w * source[j];
+          for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, source[j], row[j]);
         }
       }
     }
@@ -485,6 +572,23 @@ void run_mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begi
   }
 }
 
+// Lattice values of one kernel: `rows` x `stride` floats starting `shift` floats into
+// the allocation. Buffers used side by side get different shifts so that the same
+// row of two of them never shares its low 12 address bits: with equal bits a load
+// waits behind an unrelated store to the other buffer (4K aliasing), which costs
+// more than the arithmetic here.
+class LatticeValues {
+ public:
+  LatticeValues() = default;
+  LatticeValues(int64_t size, int64_t shift) : storage_(size + shift, 0.0f), shift_(shift) {}
+  float* data() { return storage_.data() + shift_; }
+  void clear() { std::fill(storage_.begin() + shift_, storage_.end(), 0.0f); }
+
+ private:
+  std::vector<float> storage_;
+  int64_t shift_ = 0;
+};
+
 // Mean-field inference for one image.
 //   unary (M, N), init_q (M, N) or null, out (M, N).
 void infer_image(const float* unary, const float* init_q, float* out, int64_t labels,
@@ -494,24 +598,48 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   const int64_t tasks = task_count(points, threads);
   const size_t num_kernels = kernels.size();
 
-  // Pixel-major copies of -unary and of the marginals.
-  std::vector<float> neg_unary(points * stride, 0.0f);
-  std::vector<float> q(points * stride, 0.0f);
-  for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t c = 0; c < labels; ++c) {
-      for (int64_t p = begin; p < end; ++p) neg_unary[p * stride + c] = -unary[c * points + p];
-      if (init_q != nullptr) {
-        for (int64_t p = begin; p < end; ++p) q[p * stride + c] = init_q[c * points + p];
+  // Pixel-major copies of -unary (padding lanes -inf: they take no part in the
+  // softmax) and of the marginals, transposed block by block to stay in cache.
+  std::unique_ptr<float[]> neg_unary(new float[points * stride]);
+  std::unique_ptr<float[]> q(new float[points * stride]);
+  std::vector<uint32_t> bad(tasks, 0);
+  for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
+    uint32_t found = 0;
+    for (int64_t block = begin; block < end; block += kTransposeBlock) {
+      const int64_t block_end = std::min(end, block + kTransposeBlock);
+      for (int64_t c = 0; c < labels; ++c) {
+        const float* source = unary + c * points;
+        for (int64_t p = block; p < block_end; ++p) {
+          found |= not_finite(source[p]);
+          neg_unary[p * stride + c] = -source[p];
+        }
+      }
+      for (int64_t p = block; p < block_end; ++p) {
+        std::fill(&neg_unary[p * stride + labels], &neg_unary[(p + 1) * stride],
+                  -std::numeric_limits<float>::infinity());
+      }
+      if (init_q == nullptr) continue;
+      for (int64_t c = 0; c < labels; ++c) {
+        for (int64_t p = block; p < block_end; ++p) q[p * stride + c] = init_q[c * points + p];
+      }
+      for (int64_t p = block; p < block_end; ++p) {
+        std::fill(&q[p * stride + labels], &q[(p + 1) * stride], 0.0f);
       }
     }
+    bad[task] = found;
   });
+  TORCH_CHECK_VALUE(std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; }),
+                    "unary contains NaN or infinite energies");
 
   MeanFieldPass pass;
   pass.labels = labels;
   pass.chunks = stride / kLanes;
   pass.sequential_rounding = labels <= 2;
-  pass.neg_unary = neg_unary.data();
-  pass.q = q.data();
+  pass.neg_unary = neg_unary.get();
+  pass.q = q.get();
+  for (int64_t i = 0; i < kLanes; ++i) {
+    pass.last_chunk_mask[i] = (stride - kLanes + i) < labels ? 1.0f : 0.0f;
+  }
   pass.kernels = kernels;
   for (size_t k = 0; k < num_kernels; ++k) {
     pass.compat.push_back(&compat[k]);
@@ -520,14 +648,18 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
   // Per kernel: the values being blurred and sliced, a blur scratch buffer and one
   // splat buffer per task (task buffers of kernel k at k * tasks + task).
-  std::vector<std::vector<float>> values(num_kernels), scratch(num_kernels);
-  std::vector<std::vector<float>> splat(num_kernels * tasks);
+  std::vector<LatticeValues> values(num_kernels), scratch(num_kernels);
+  std::vector<LatticeValues> splat(num_kernels * tasks);
   if (iterations > 0) {
     for (size_t k = 0; k < num_kernels; ++k) {
       const int64_t size = (kernels[k]->lattice.num_vertices + 1) * stride;
-      values[k].assign(size, 0.0f);
-      scratch[k].assign(size, 0.0f);
-      for (int64_t t = 0; t < tasks; ++t) splat[k * tasks + t].assign(size, 0.0f);
+      // Shifts of distinct odd numbers of cache lines (16 floats) per buffer.
+      int64_t line = 2 * static_cast<int64_t>(k) * (tasks + 2) + 1;
+      values[k] = LatticeValues(size, 16 * line);
+      scratch[k] = LatticeValues(size, 16 * (line + 2));
+      for (int64_t t = 0; t < tasks; ++t) {
+        splat[k * tasks + t] = LatticeValues(size, 16 * (line + 4 + 2 * t));
+      }
     }
   }
   auto set_splat_targets = [&](bool enabled) {
@@ -541,7 +673,7 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
     for (size_t k = 0; k < num_kernels; ++k) {
       if (tasks == 1) {
         std::swap(values[k], splat[k]);
-        std::fill(splat[k].begin(), splat[k].end(), 0.0f);
+        splat[k].clear();
         continue;
       }
       const int64_t rows = kernels[k]->lattice.num_vertices + 1;
@@ -588,9 +720,12 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   }
 
   for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t c = 0; c < labels; ++c) {
-      float* target = out + c * points;
-      for (int64_t p = begin; p < end; ++p) target[p] = q[p * stride + c];
+    for (int64_t block = begin; block < end; block += kTransposeBlock) {
+      const int64_t block_end = std::min(end, block + kTransposeBlock);
+      for (int64_t c = 0; c < labels; ++c) {
+        float* target = out + c * points;
+        for (int64_t p = block; p < block_end; ++p) target[p] = q[p * stride + c];
+      }
     }
   });
 }
@@ -623,6 +758,10 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
   }
 
   const int64_t threads = at::get_num_threads();
+  for (size_t k = 0; k < num_kernels; ++k) {
+    TORCH_CHECK_VALUE(all_finite(feature_c[k].data_ptr<float>(), feature_c[k].numel(), threads),
+                      "features[", k, "] contains NaN or infinite values");
+  }
   auto prepare = [&](size_t k, int64_t image, int64_t inner_threads) {
     const int dim = static_cast<int>(features[k].size(1));
     const float* data = feature_c[k].data_ptr<float>() + (shared[k] ? 0 : image * dim * points);
