@@ -437,24 +437,6 @@ struct MeanFieldPass {
   std::vector<float*> splat_targets;   // kernel k, task t at k * tasks + t; empty: no splat
 };
 
-constexpr int64_t kPrefetchDistance = 4;
-
-inline void prefetch_rows(const MeanFieldPass& pass, int64_t task, int64_t point,
-                          int64_t stride) {
-  const size_t num_kernels = pass.kernels.size();
-  const size_t tasks = pass.splat_targets.size() / std::max<size_t>(num_kernels, 1);
-  for (size_t k = 0; k < num_kernels; ++k) {
-    const Lattice& lattice = pass.kernels[k]->lattice;
-    const int corners = lattice.dim + 1;
-    const int32_t* ids = lattice.vertex.data() + point * corners;
-    for (int r = 0; r < corners; ++r) {
-      const int64_t offset = int64_t{ids[r]} * stride;
-      if (pass.slice) __builtin_prefetch(pass.blurred[k] + offset);
-      if (tasks > 0) __builtin_prefetch(pass.splat_targets[k * tasks + task] + offset, 1);
-    }
-  }
-}
-
 // For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
 // slice_k)) (the kernels only when `slice`); then, if splat targets are set, splat q
 // into this task's buffers. kChunks > 0 fixes the label stride at compile
@@ -468,16 +450,12 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   const bool do_splat = !pass.splat_targets.empty();
   const size_t tasks = do_splat ? pass.splat_targets.size() / num_kernels : 0;
   constexpr int kLocal = kChunks > 0 ? kChunks : 1;
-  Lanes energy_local[kLocal], filtered_local[kLocal], scaled_local[kLocal];
-  std::vector<float> heap(kChunks > 0 ? 0 : 3 * stride);
+  Lanes energy_local[kLocal], filtered_local[kLocal];
+  std::vector<float> heap(kChunks > 0 ? 0 : 2 * stride);
   Lanes* energy = kChunks > 0 ? energy_local : as_lanes(heap.data());
   Lanes* filtered = kChunks > 0 ? filtered_local : as_lanes(heap.data() + stride);
-  Lanes* scaled = kChunks > 0 ? scaled_local : as_lanes(heap.data() + 2 * stride);
 
   for (int64_t p = begin; p < end; ++p) {
-    // The vertex rows a few pixels ahead are random accesses into megabytes of lattice
-    // values: ask for them early.
-    if (p + kPrefetchDistance < end) prefetch_rows(pass, task, p + kPrefetchDistance, stride);
     Lanes* q = as_lanes(pass.q + p * stride);
     if (pass.update_q) {
       const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
@@ -513,7 +491,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
         } else if (compat.kind == kDiagonal) {
           const Lanes* v = as_lanes(compat.weights.data());
           for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
-        } else {
+        } else if constexpr (kChunks == 0) {
+          // Matrix compatibilities index single labels, which would force a fixed-stride
+          // instantiation's rows out of registers: they run in this one only.
           const float* f = reinterpret_cast<const float*>(filtered);
           float* e = reinterpret_cast<float*>(energy);
           for (int64_t i = 0; i < labels; ++i) {
@@ -545,17 +525,13 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
         const int corners = lattice.dim + 1;
         const int32_t* ids = lattice.vertex.data() + p * corners;
         const float* weights = lattice.weight.data() + p * corners;
-        const Lanes* source = q;
-        if (kernel.scale_before()) {
-          const float n = kernel.norm[p];
-          for (int64_t j = 0; j < chunks; ++j) scaled[j] = q[j] * n;
-          source = scaled;
-        }
+        // The normaliser goes into the weight: (w n) q where pydensecrf has w (n q).
+        const float n = kernel.scale_before() ? kernel.norm[p] : 1.0f;
         float* values = pass.splat_targets[k * tasks + task];
         for (int r = 0; r < corners; ++r) {
           Lanes* row = as_lanes(values + int64_t{ids[r]} * stride);
-          const float w = weights[r];
-          for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, source[j], row[j]);
+          const float w = weights[r] * n;
+          for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, q[j], row[j]);
         }
       }
     }
@@ -563,6 +539,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
 }
 
 void run_mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
+  const bool any_matrix = std::any_of(pass.compat.begin(), pass.compat.end(),
+                                      [](const Compatibility* c) { return c->kind == kMatrix; });
+  if (any_matrix) return mean_field_points<0>(pass, task, begin, end);
   switch (pass.chunks) {
     case 1: return mean_field_points<1>(pass, task, begin, end);
     case 2: return mean_field_points<2>(pass, task, begin, end);
