@@ -7,6 +7,9 @@ checks it against pydensecrf2). Also: init_q and stepping, batching, backends, o
 and every ValueError of the Python faces and of the op's argument checks.
 """
 
+import threading
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from tests.crf_inputs import (
 from wsss_fast._extension import has_cuda_kernels
 from wsss_fast.ops import dense_crf, dense_crf_inference
 from wsss_fast.ops._backend import BACKEND_ENV_VAR
+from wsss_fast.ops.dense_crf import pixel_grid_features
 from wsss_fast.reference import dense_crf as reference
 
 try:
@@ -685,3 +689,27 @@ def test_cuda_matches_reference_at_odd_sizes(normalization, kind):
     q = OP(*args, 4, torch.softmax(-args[0], dim=1))
     torch.testing.assert_close(q, OP(*args, 4), rtol=0, atol=1e-6)
     torch.library.opcheck(OP, (*args, 2))
+
+
+def test_compiled_op_releases_the_gil():
+    """While the op runs in one thread, Python code keeps running in another."""
+    height, width, labels = 200, 250, 21
+    unary = torch.rand(1, labels, height * width, generator=torch.Generator().manual_seed(3))
+    grid = pixel_grid_features(height, width, (3.0, 3.0), "cpu")[None]
+    finished = threading.Event()
+    elapsed = []
+
+    def run():
+        start = time.perf_counter()
+        OP(unary, [grid], [torch.tensor(3.0)], [wcrf.NORMALIZE_SYMMETRIC], 40)
+        elapsed.append(time.perf_counter() - start)
+        finished.set()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    count = 0
+    while not finished.is_set():
+        count += 1
+    worker.join()
+    # Holding the GIL would leave this thread one switch interval (5 ms) at most.
+    assert count / elapsed[0] > 2e5, f"{count} loop turns in {elapsed[0]:.3f} s of the op"
