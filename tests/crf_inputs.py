@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 PHOTO_DIR = Path(__file__).parent / "data" / "photos"
 PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
@@ -192,3 +193,31 @@ def marginal_differences(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, f
     max_abs = float(np.abs(ours.astype(np.float64) - theirs).max())
     agreement = float((ours.argmax(axis=0) == theirs.argmax(axis=0)).mean())
     return max_abs, agreement
+
+
+def opcheck_arguments(device) -> list[tuple[tuple, dict]]:
+    """Argument sets of wsss_fast::dense_crf_inference for torch.library.opcheck.
+
+    Small (B=2, M=3, N=35) inputs on ``device`` covering shared (expanded) and own
+    features, Potts / diagonal / matrix compatibilities, every normalisation,
+    init_q, no kernel and zero iterations.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    unary = (rand(2, 3, 35) * 3).to(device)
+    gaussian = (rand(1, 2, 35) * 4).to(device).expand(2, -1, -1)
+    bilateral = (rand(2, 5, 35) * 4).to(device)
+    potts = torch.tensor(3.0, device=device)
+    diagonal = (-rand(3) * 3).to(device)
+    matrix = (-rand(3, 3) * 3).to(device)
+    init_q = torch.softmax(torch.randn(2, 3, 35, generator=generator), dim=1).to(device)
+    return [
+        ((unary, [gaussian, bilateral], [potts, potts], [3, 3], 2), {}),
+        ((unary, [gaussian, bilateral], [diagonal, matrix], [0, 1], 1), {}),
+        ((unary, [bilateral], [potts], [2], 3), {"init_q": init_q}),
+        ((unary[:, :1], [], [], [], 2), {}),
+        ((unary, [gaussian], [potts], [3], 0), {}),
+    ]

@@ -23,6 +23,7 @@ from tests.crf_inputs import (
     grid_features,
     load_photo,
     marginal_differences,
+    opcheck_arguments,
     run_densecrf2d,
     synthetic_softmax,
     unary_from_softmax,
@@ -389,25 +390,9 @@ def test_reference_backend_agrees_and_is_chosen(monkeypatch):
 # --- opcheck -------------------------------------------------------------------------
 
 
-def opcheck_arguments():
-    torch.manual_seed(0)
-    unary = torch.rand(2, 3, 35) * 3
-    gaussian = (torch.rand(1, 2, 35) * 4).expand(2, -1, -1)
-    bilateral = torch.rand(2, 5, 35) * 4
-    potts, diagonal, matrix = torch.tensor(3.0), -torch.rand(3) * 3, -torch.rand(3, 3) * 3
-    init_q = torch.softmax(torch.randn(2, 3, 35), dim=1)
-    return [
-        ((unary, [gaussian, bilateral], [potts, potts], [3, 3], 2), {}),
-        ((unary, [gaussian, bilateral], [diagonal, matrix], [0, 1], 1), {}),
-        ((unary, [bilateral], [potts], [2], 3), {"init_q": init_q}),
-        ((unary[:, :1], [], [], [], 2), {}),
-        ((unary, [gaussian], [potts], [3], 0), {}),
-    ]
-
-
 @pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
-    args, kwargs = opcheck_arguments()[case]
+    args, kwargs = opcheck_arguments("cpu")[case]
     torch.library.opcheck(OP, args, kwargs)
 
 

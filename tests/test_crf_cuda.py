@@ -21,6 +21,7 @@ from tests.crf_inputs import (
     bilateral_features,
     grid_features,
     load_photo,
+    opcheck_arguments,
     synthetic_softmax,
     unary_from_softmax,
 )
@@ -321,25 +322,7 @@ def test_dense_crf_on_cuda_tensors():
     assert_marginals_match(on_cuda.cpu().reshape(3, 7, -1), on_cpu.reshape(3, 7, -1))
 
 
-def opcheck_arguments():
-    generator = torch.Generator().manual_seed(0)
-    unary = (torch.rand(2, 3, 35, generator=generator) * 3).to(DEVICE)
-    gaussian = (torch.rand(1, 2, 35, generator=generator) * 4).to(DEVICE).expand(2, -1, -1)
-    bilateral = (torch.rand(2, 5, 35, generator=generator) * 4).to(DEVICE)
-    potts = torch.tensor(3.0, device=DEVICE)
-    diagonal = (-torch.rand(3, generator=generator) * 3).to(DEVICE)
-    matrix = (-torch.rand(3, 3, generator=generator) * 3).to(DEVICE)
-    init_q = torch.softmax(torch.randn(2, 3, 35, generator=generator), dim=1).to(DEVICE)
-    return [
-        ((unary, [gaussian, bilateral], [potts, potts], [3, 3], 2), {}),
-        ((unary, [gaussian, bilateral], [diagonal, matrix], [0, 1], 1), {}),
-        ((unary, [bilateral], [potts], [2], 3), {"init_q": init_q}),
-        ((unary[:, :1], [], [], [], 2), {}),
-        ((unary, [gaussian], [potts], [3], 0), {}),
-    ]
-
-
 @pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
-    args, kwargs = opcheck_arguments()[case]
+    args, kwargs = opcheck_arguments(DEVICE)[case]
     torch.library.opcheck(OP, args, kwargs)
