@@ -62,7 +62,9 @@ inline Lanes multiply_add(Lanes a, Lanes b, Lanes c) {
 #endif
 }
 
-inline Lanes multiply_add(float a, Lanes b, Lanes c) { return multiply_add(Lanes{} + a, b, c); }
+// All eight lanes = a (one broadcast instruction; Lanes{} + a would be an addition,
+// since 0 + a is not a when a is -0).
+inline Lanes broadcast(float a) { return Lanes{a, a, a, a, a, a, a, a}; }
 
 // Max and sum over the eight lanes, broadcast to every lane (three shuffle steps).
 inline Lanes all_lanes_max(Lanes v) {
@@ -86,18 +88,17 @@ inline Lanes all_lanes_sum(Lanes v) {
 // 2^n * P(r) with x = n ln2 + r, on eight lanes at once. Below -87 the result would
 // leave the normal range; it is clamped there (< 2e-38 of the largest term).
 inline Lanes exp_nonpositive(Lanes x) {
-  const Lanes lowest = Lanes{} - 87.0f;
-  const Lanes zero = Lanes{};
+  const Lanes lowest = broadcast(-87.0f);
   x = x < lowest ? lowest : x;
   // Round to nearest by adding and subtracting 1.5 * 2^23.
   const Lanes n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const Lanes r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  Lanes p = zero + 1.9875691500e-4f;
-  p = multiply_add(p, r, zero + 1.3981999507e-3f);
-  p = multiply_add(p, r, zero + 8.3334519073e-3f);
-  p = multiply_add(p, r, zero + 4.1665795894e-2f);
-  p = multiply_add(p, r, zero + 1.6666665459e-1f);
-  p = multiply_add(p, r, zero + 5.0000001201e-1f);
+  Lanes p = broadcast(1.9875691500e-4f);
+  p = multiply_add(p, r, broadcast(1.3981999507e-3f));
+  p = multiply_add(p, r, broadcast(8.3334519073e-3f));
+  p = multiply_add(p, r, broadcast(4.1665795894e-2f));
+  p = multiply_add(p, r, broadcast(1.6666665459e-1f));
+  p = multiply_add(p, r, broadcast(5.0000001201e-1f));
   p = multiply_add(p, r * r, r + 1.0f);
   const IntLanes bits = (__builtin_convertvector(n, IntLanes) + 127) << 23;
   return p * reinterpret_cast<Lanes>(bits);  // a vector cast reinterprets the bits
@@ -321,6 +322,7 @@ float* blur(const Lattice& lattice, float* values, float* scratch, int64_t chann
     const float* old_values = values;
     float* new_values = scratch;
     for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
+      const Lanes half = broadcast(0.5f);
       for (int64_t v = begin; v < end; ++v) {
         const float* self = old_values + (v + 1) * channels;
         const float* first = old_values + int64_t{pairs[2 * v]} * channels;
@@ -333,7 +335,7 @@ float* blur(const Lattice& lattice, float* values, float* scratch, int64_t chann
         } else {
           for (int64_t j = 0; j < channels / kLanes; ++j) {
             as_lanes(out)[j] =
-                multiply_add(0.5f, as_lanes(first)[j] + as_lanes(second)[j], as_lanes(self)[j]);
+                multiply_add(half, as_lanes(first)[j] + as_lanes(second)[j], as_lanes(self)[j]);
           }
         }
       }
@@ -437,10 +439,63 @@ struct MeanFieldPass {
   std::vector<float*> splat_targets;   // kernel k, task t at k * tasks + t; empty: no splat
 };
 
+// One kernel's part of a pass, as plain pointers and numbers: read once per pass
+// rather than through the vectors and structs for every pixel.
+struct KernelStep {
+  const int32_t* ids = nullptr;    // (N, corners) vertex ids + 1
+  const float* weights = nullptr;  // (N, corners) barycentric weights
+  const float* norm = nullptr;     // (N) normaliser, or null
+  const float* blurred = nullptr;  // values to slice, or null
+  float* splat = nullptr;          // this task's splat buffer, or null
+  int corners = 0;
+  float alpha = 1.0f;
+  bool scale_before = false;
+  bool scale_after = false;
+  const Compatibility* compat = nullptr;
+};
+
+// filtered = sum over the point's vertices of weight * alpha * blurred row; pydensecrf
+// rounds (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise. kCorners > 0 fixes the
+// vertex count (d+1) at compile time.
+template <int kCorners>
+inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool sequential_rounding,
+                       Lanes* filtered) {
+  const int corners = kCorners > 0 ? kCorners : step.corners;
+  const int64_t stride = chunks * kLanes;
+  const int32_t* ids = step.ids + p * corners;
+  const float* weights = step.weights + p * corners;
+  for (int64_t j = 0; j < chunks; ++j) filtered[j] = Lanes{};
+  for (int r = 0; r < corners; ++r) {
+    const Lanes* row = as_lanes(step.blurred + int64_t{ids[r]} * stride);
+    if (sequential_rounding) {
+      for (int64_t j = 0; j < chunks; ++j) filtered[j] += weights[r] * row[j] * step.alpha;
+    } else {
+      const Lanes w = broadcast(weights[r] * step.alpha);
+      for (int64_t j = 0; j < chunks; ++j) filtered[j] = multiply_add(w, row[j], filtered[j]);
+    }
+  }
+}
+
+// The point's q into the splat buffer; the normaliser goes into the weight: (w n) q
+// where pydensecrf has w (n q).
+template <int kCorners>
+inline void splat_rows(const KernelStep& step, int64_t p, int64_t chunks, const Lanes* q) {
+  const int corners = kCorners > 0 ? kCorners : step.corners;
+  const int64_t stride = chunks * kLanes;
+  const int32_t* ids = step.ids + p * corners;
+  const float* weights = step.weights + p * corners;
+  const float n = step.scale_before ? step.norm[p] : 1.0f;
+  for (int r = 0; r < corners; ++r) {
+    Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
+    const Lanes w = broadcast(weights[r] * n);
+    for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, q[j], row[j]);
+  }
+}
+
 // For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
 // slice_k)) (the kernels only when `slice`); then, if splat targets are set, splat q
-// into this task's buffers. kChunks > 0 fixes the label stride at compile
-// time, so that a pixel's rows stay in registers; 0 reads it from the pass.
+// into this task's buffers. kChunks > 0 fixes the label stride at compile time, so
+// that a pixel's rows stay in registers; 0 reads it from the pass.
 template <int kChunks>
 void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
   const int64_t chunks = kChunks > 0 ? kChunks : pass.chunks;
@@ -448,7 +503,23 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   const int64_t labels = pass.labels;
   const size_t num_kernels = pass.kernels.size();
   const bool do_splat = !pass.splat_targets.empty();
-  const size_t tasks = do_splat ? pass.splat_targets.size() / num_kernels : 0;
+  const bool sequential_rounding = pass.sequential_rounding;
+  std::vector<KernelStep> steps(num_kernels);
+  for (size_t k = 0; k < num_kernels; ++k) {
+    const PreparedKernel& kernel = *pass.kernels[k];
+    KernelStep& step = steps[k];
+    step.ids = kernel.lattice.vertex.data();
+    step.weights = kernel.lattice.weight.data();
+    step.norm = kernel.norm.empty() ? nullptr : kernel.norm.data();
+    step.blurred = pass.slice ? pass.blurred[k] : nullptr;
+    step.splat = do_splat ? pass.splat_targets[k * (pass.splat_targets.size() / num_kernels) + task]
+                          : nullptr;
+    step.corners = kernel.lattice.dim + 1;
+    step.alpha = pass.alpha[k];
+    step.scale_before = kernel.scale_before();
+    step.scale_after = kernel.scale_after();
+    step.compat = pass.compat[k];
+  }
   constexpr int kLocal = kChunks > 0 ? kChunks : 1;
   Lanes energy_local[kLocal], filtered_local[kLocal];
   std::vector<float> heap(kChunks > 0 ? 0 : 2 * stride);
@@ -461,33 +532,21 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
       for (int64_t j = 0; j < chunks; ++j) energy[j] = unary[j];
       for (size_t k = 0; pass.slice && k < num_kernels; ++k) {
-        const PreparedKernel& kernel = *pass.kernels[k];
-        const Lattice& lattice = kernel.lattice;
-        const int corners = lattice.dim + 1;
-        const int32_t* ids = lattice.vertex.data() + p * corners;
-        const float* weights = lattice.weight.data() + p * corners;
-        const float alpha = pass.alpha[k];
-        for (int64_t j = 0; j < chunks; ++j) filtered[j] = Lanes{};
-        // pydensecrf slices (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise.
-        for (int r = 0; r < corners; ++r) {
-          const Lanes* row = as_lanes(pass.blurred[k] + int64_t{ids[r]} * stride);
-          if (pass.sequential_rounding) {
-            for (int64_t j = 0; j < chunks; ++j) filtered[j] += weights[r] * row[j] * alpha;
-          } else {
-            const float w = weights[r] * alpha;
-            for (int64_t j = 0; j < chunks; ++j) filtered[j] = multiply_add(w, row[j], filtered[j]);
-          }
+        const KernelStep& step = steps[k];
+        switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
+          case 3: slice_rows<3>(step, p, chunks, sequential_rounding, filtered); break;
+          case 6: slice_rows<6>(step, p, chunks, sequential_rounding, filtered); break;
+          default: slice_rows<0>(step, p, chunks, sequential_rounding, filtered); break;
         }
-        if (kernel.scale_after()) {
-          const float n = kernel.norm[p];
+        if (step.scale_after) {
+          const float n = step.norm[p];
           for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
         }
         // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
-        const Compatibility& compat = *pass.compat[k];
+        const Compatibility& compat = *step.compat;
         if (compat.kind == kPotts) {
-          for (int64_t j = 0; j < chunks; ++j) {
-            energy[j] = multiply_add(compat.potts, filtered[j], energy[j]);
-          }
+          const Lanes potts = broadcast(compat.potts);
+          for (int64_t j = 0; j < chunks; ++j) energy[j] = multiply_add(potts, filtered[j], energy[j]);
         } else if (compat.kind == kDiagonal) {
           const Lanes* v = as_lanes(compat.weights.data());
           for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
@@ -519,19 +578,11 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
     }
     if (do_splat) {
-      for (size_t k = 0; k < num_kernels; ++k) {
-        const PreparedKernel& kernel = *pass.kernels[k];
-        const Lattice& lattice = kernel.lattice;
-        const int corners = lattice.dim + 1;
-        const int32_t* ids = lattice.vertex.data() + p * corners;
-        const float* weights = lattice.weight.data() + p * corners;
-        // The normaliser goes into the weight: (w n) q where pydensecrf has w (n q).
-        const float n = kernel.scale_before() ? kernel.norm[p] : 1.0f;
-        float* values = pass.splat_targets[k * tasks + task];
-        for (int r = 0; r < corners; ++r) {
-          Lanes* row = as_lanes(values + int64_t{ids[r]} * stride);
-          const float w = weights[r] * n;
-          for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, q[j], row[j]);
+      for (const KernelStep& step : steps) {
+        switch (step.corners) {
+          case 3: splat_rows<3>(step, p, chunks, q); break;
+          case 6: splat_rows<6>(step, p, chunks, q); break;
+          default: splat_rows<0>(step, p, chunks, q); break;
         }
       }
     }
