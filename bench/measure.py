@@ -1,6 +1,22 @@
 """Measurement helpers shared by the benchmarks."""
 
+import pytest
 import torch
+
+
+def timed_device(backend: str, dtype: str = "float32") -> str:
+    """The device a fused-vs-reference case runs on: CUDA when there is one.
+
+    Without CUDA the Triton and bfloat16 cases are skipped: the interpreter and CPU
+    bfloat16 say nothing about GPU speed.
+    """
+    if torch.cuda.is_available():
+        return "cuda"
+    if backend == "triton":
+        pytest.skip("the Triton kernels are timed on CUDA only")
+    if dtype == "bfloat16":
+        pytest.skip("bfloat16 is timed on CUDA only")
+    return "cpu"
 
 
 def peak_extra_memory_mib(function) -> float:

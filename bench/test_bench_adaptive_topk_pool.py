@@ -9,7 +9,7 @@ Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib
+from bench.measure import peak_extra_memory_mib, timed_device
 from wsss_fast.ops import adaptive_topk_pool
 
 SHAPE = (16, 21, 576)
@@ -20,10 +20,8 @@ K_MAX = SHAPE[2] // 4
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_adaptive_topk_pool(benchmark, backend, mode):
-    on_cuda = torch.cuda.is_available()
-    if backend == "triton" and not on_cuda:
-        pytest.skip("the Triton kernels are timed on CUDA only")
-    device = "cuda" if on_cuda else "cpu"
+    device = timed_device(backend)
+    on_cuda = device == "cuda"
     generator = torch.Generator().manual_seed(0)
     scores = (3.0 * torch.randn(SHAPE, generator=generator)).softmax(dim=1).to(device)
     synchronize = torch.cuda.synchronize if on_cuda else lambda: None

@@ -12,7 +12,7 @@ and for 3 rounds. Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib
+from bench.measure import peak_extra_memory_mib, timed_device
 from wsss_fast.ops import fuse_attention_maps
 
 NUM_CLASSES = 20
@@ -35,12 +35,8 @@ def make_inputs(shape, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_fuse_attention_maps(benchmark, backend, shape, dtype, mode):
-    on_cuda = torch.cuda.is_available()
-    if backend == "triton" and not on_cuda:
-        pytest.skip("the Triton kernels are timed on CUDA only")
-    if dtype == "bfloat16" and not on_cuda:
-        pytest.skip("bfloat16 is timed on CUDA only")
-    device = "cuda" if on_cuda else "cpu"
+    device = timed_device(backend, dtype)
+    on_cuda = device == "cuda"
     if not on_cuda:
         shape = (CPU_BATCH, *shape[1:])
     q, k, weights = make_inputs(shape, getattr(torch, dtype), device)

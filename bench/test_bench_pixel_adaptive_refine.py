@@ -11,7 +11,7 @@ goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib
+from bench.measure import peak_extra_memory_mib, timed_device
 from wsss_fast.ops import refine_pixel_adaptive
 
 SHAPE = (4, 21, 224, 224)
@@ -30,10 +30,8 @@ def make_inputs(shape, device):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_refine_pixel_adaptive(benchmark, backend):
-    on_cuda = torch.cuda.is_available()
-    if backend == "triton" and not on_cuda:
-        pytest.skip("the Triton kernels are timed on CUDA only")
-    device = "cuda" if on_cuda else "cpu"
+    device = timed_device(backend)
+    on_cuda = device == "cuda"
     shape = SHAPE if on_cuda else (CPU_BATCH, *SHAPE[1:])
     images, probs = make_inputs(shape, device)
     synchronize = torch.cuda.synchronize if on_cuda else lambda: None

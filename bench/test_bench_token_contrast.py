@@ -10,7 +10,7 @@ Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib
+from bench.measure import peak_extra_memory_mib, timed_device
 from wsss_fast.ops import token_contrast_loss
 
 SHAPES = [(4, 784, 768), (4, 1764, 768)]
@@ -31,12 +31,8 @@ def make_inputs(shape, dtype, device):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_token_contrast_loss(benchmark, backend, shape, dtype, mode):
-    on_cuda = torch.cuda.is_available()
-    if backend == "triton" and not on_cuda:
-        pytest.skip("the Triton kernels are timed on CUDA only")
-    if dtype == "bfloat16" and not on_cuda:
-        pytest.skip("bfloat16 is timed on CUDA only")
-    device = "cuda" if on_cuda else "cpu"
+    device = timed_device(backend, dtype)
+    on_cuda = device == "cuda"
     tokens, labels = make_inputs(shape, getattr(torch, dtype), device)
     synchronize = torch.cuda.synchronize if on_cuda else lambda: None
 

@@ -19,6 +19,7 @@ PHOTO_WIDTH, PHOTO_HEIGHT = 500, 375
 
 # Probabilities are clipped here before -log, as pydensecrf.utils.unary_from_softmax does.
 PROBABILITY_CLIP = 1e-5
+NORMALIZE_SYMMETRIC = 3  # pydensecrf's default normalisation
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -149,24 +150,35 @@ PARAMETER_SETS: dict[str, CrfParameters] = {
 }
 
 
-def run_densecrf2d(
-    dcrf, image: np.ndarray, unary: np.ndarray, params: CrfParameters, iterations=None
-) -> np.ndarray:
-    """Marginals float32 (M, N) from a module with pydensecrf's DenseCRF2D API.
+def densecrf2d(dcrf, image, unary, gaussian, bilateral, normalization=NORMALIZE_SYMMETRIC):
+    """A DenseCRF2D of ``dcrf`` (``pydensecrf.densecrf`` or ``wsss_fast.crf``), set up.
 
-    ``dcrf`` is ``pydensecrf.densecrf`` or ``wsss_fast.crf``; image uint8 (H, W, 3),
-    unary float32 (M, H*W).
+    image uint8 (H, W, 3), unary float32 (M, H*W); gaussian (sxy, compat) and bilateral
+    (sxy, srgb, compat), each or None.
     """
     height, width = image.shape[:2]
     crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
-        compat=params.bilateral_compat,
-    )
+    if gaussian is not None:
+        crf.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1], normalization=normalization)
+    if bilateral is not None:
+        crf.addPairwiseBilateral(
+            sxy=bilateral[0],
+            srgb=bilateral[1],
+            rgbim=np.ascontiguousarray(image),
+            compat=bilateral[2],
+            normalization=normalization,
+        )
+    return crf
+
+
+def run_densecrf2d(
+    dcrf, image: np.ndarray, unary: np.ndarray, params: CrfParameters, iterations=None
+) -> np.ndarray:
+    """Marginals float32 (M, N) for a parameter set, from a module with pydensecrf's API."""
+    gaussian = (params.gaussian_sxy, params.gaussian_compat)
+    bilateral = (params.bilateral_sxy, params.bilateral_srgb, params.bilateral_compat)
+    crf = densecrf2d(dcrf, image, unary, gaussian, bilateral)
     steps = params.iterations if iterations is None else iterations
     return np.asarray(crf.inference(steps), dtype=np.float32)
 

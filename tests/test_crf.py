@@ -20,6 +20,7 @@ from tests.crf_inputs import (
     PARAMETER_SETS,
     PHOTOS,
     bilateral_features,
+    densecrf2d,
     grid_features,
     load_photo,
     marginal_differences,
@@ -93,20 +94,7 @@ def compat_of_kind(kind: str, weight: float, labels: int, seed: int):
 
 def crf_2d(module, image, unary, gaussian, bilateral, normalization=wcrf.NORMALIZE_SYMMETRIC):
     """A DenseCRF2D of ``module`` (wsss_fast.crf or pydensecrf.densecrf), set up."""
-    height, width = image.shape[:2]
-    crf = module.DenseCRF2D(width, height, unary.shape[0])
-    crf.setUnaryEnergy(unary)
-    if gaussian is not None:
-        crf.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1], normalization=normalization)
-    if bilateral is not None:
-        crf.addPairwiseBilateral(
-            sxy=bilateral[0],
-            srgb=bilateral[1],
-            rgbim=image,
-            compat=bilateral[2],
-            normalization=normalization,
-        )
-    return crf
+    return densecrf2d(module, image, unary, gaussian, bilateral, normalization)
 
 
 def reference_2d(image, unary, gaussian, bilateral, iterations, normalization):

@@ -14,6 +14,7 @@ from tests.crf_inputs import (
     PARAMETER_SETS,
     PHOTOS,
     bilateral_features,
+    densecrf2d,
     grid_features,
     load_photo,
     marginal_differences,
@@ -68,19 +69,7 @@ def pydensecrf_2d(
     image, unary, gaussian, bilateral, iterations, normalization=dcrf.NORMALIZE_SYMMETRIC
 ):
     """pydensecrf2's marginals (M, N) for the same set-up as reference_2d."""
-    height, width = image.shape[:2]
-    crf = dcrf.DenseCRF2D(width, height, unary.shape[0])
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
-    if gaussian is not None:
-        crf.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1], normalization=normalization)
-    if bilateral is not None:
-        crf.addPairwiseBilateral(
-            sxy=bilateral[0],
-            srgb=bilateral[1],
-            rgbim=image,
-            compat=bilateral[2],
-            normalization=normalization,
-        )
+    crf = densecrf2d(dcrf, image, unary, gaussian, bilateral, normalization)
     return np.asarray(crf.inference(iterations))
 
 
