@@ -66,9 +66,12 @@ inline float lattice_alpha(int d) {
 // Embeds one point: `feature` holds its d coordinates at stride `feature_stride`
 // (already divided by the kernel's standard deviations). Writes the remainder-0
 // point `rem0` (d+1), the `rank` (d+1) of each coordinate, and the barycentric
-// weights `weight` (d+1) of the d+1 enclosing simplex vertices.
-WSSS_HD void embed_point(const float* feature, int64_t feature_stride, int d,
+// weights `weight` (d+1) of the d+1 enclosing simplex vertices. kDim > 0 fixes d at
+// compile time (the loops unroll; `dim` is then ignored), 0 takes `dim`.
+template <int kDim = 0>
+WSSS_HD void embed_point(const float* feature, int64_t feature_stride, int dim,
                          const float* scale, int* rem0, int* rank, float* weight) {
+  const int d = kDim > 0 ? kDim : dim;
   float elevated[kMaxFeatureDim + 1];
   float rem0_f[kMaxFeatureDim + 1];
   float bary[kMaxFeatureDim + 2];

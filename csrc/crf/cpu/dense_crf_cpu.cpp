@@ -224,6 +224,19 @@ bool all_finite(const float* data, int64_t count, int64_t threads) {
   return std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; });
 }
 
+// Embeds points [begin, end) of (d, N) features at row stride `stride`: their simplex
+// (rem0 then rank, 2 (d+1) ints each) and barycentric weights (d+1 each).
+template <int kDim>
+void embed_points(const float* features, int64_t stride, int dim, const float* scale,
+                  int64_t begin, int64_t end, int32_t* simplex, float* weight) {
+  const int corners = dim + 1;
+  for (int64_t p = begin; p < end; ++p) {
+    int32_t* rem0 = simplex + p * 2 * corners;
+    embed_point<kDim>(features + p, stride, dim, scale, rem0, rem0 + corners,
+                      weight + p * corners);
+  }
+}
+
 // features: (d, N) at row stride `stride`, all finite (the embedding converts them to
 // integers).
 Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t num_points,
@@ -242,10 +255,18 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   std::vector<int32_t> simplex(num_points * 2 * corners);
   for_each_task(num_points, task_count(num_points, threads),
                 [&](int64_t, int64_t begin, int64_t end) {
-                  for (int64_t p = begin; p < end; ++p) {
-                    int32_t* rem0 = simplex.data() + p * 2 * corners;
-                    embed_point(features + p, stride, dim, scale, rem0, rem0 + corners,
-                                lattice.weight.data() + p * corners);
+                  switch (dim) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
+                    case 2:
+                      embed_points<2>(features, stride, dim, scale, begin, end, simplex.data(),
+                                      lattice.weight.data());
+                      break;
+                    case 5:
+                      embed_points<5>(features, stride, dim, scale, begin, end, simplex.data(),
+                                      lattice.weight.data());
+                      break;
+                    default:
+                      embed_points<0>(features, stride, dim, scale, begin, end, simplex.data(),
+                                      lattice.weight.data());
                   }
                 });
 
