@@ -27,3 +27,28 @@ def peak_extra_memory_mib(function) -> float:
     function()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def time_fused_case(
+    benchmark, step, *, group, backend, shape, dtype, device, cpu_rounds=None
+) -> None:
+    """Times ``step`` as one case of a fused-vs-reference group.
+
+    Records what ran in ``extra_info``; warms up first (Triton compilation, allocator
+    caches) and, on CUDA, records the peak extra memory. On CPU, ``cpu_rounds`` bounds a
+    slow reference case to that many timed rounds.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(
+        backend=backend,
+        shape=list(shape),
+        dtype=dtype,
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    )
+    if device != "cuda" and cpu_rounds is not None:
+        benchmark.pedantic(step, rounds=cpu_rounds, iterations=1)
+        return
+    step()
+    if device == "cuda":
+        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
+    benchmark(step)

@@ -9,7 +9,7 @@ Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib, timed_device
+from bench.measure import time_fused_case, timed_device
 from wsss_fast.ops import adaptive_topk_pool
 
 SHAPE = (16, 21, 576)
@@ -41,14 +41,12 @@ def test_adaptive_topk_pool(benchmark, backend, mode):
             scores.grad = None
             synchronize()
 
-    benchmark.group = f"adaptive_topk_pool {mode} {'x'.join(map(str, SHAPE))} float32 {device}"
-    benchmark.extra_info.update(
+    time_fused_case(
+        benchmark,
+        step,
+        group=f"adaptive_topk_pool {mode} {'x'.join(map(str, SHAPE))} float32 {device}",
         backend=backend,
-        shape=list(SHAPE),
+        shape=SHAPE,
         dtype="float32",
-        device=torch.cuda.get_device_name() if on_cuda else "cpu",
+        device=device,
     )
-    step()  # warm-up: Triton compilation, allocator caches
-    if on_cuda:
-        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
-    benchmark(step)

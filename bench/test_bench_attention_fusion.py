@@ -12,7 +12,7 @@ and for 3 rounds. Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib, timed_device
+from bench.measure import time_fused_case, timed_device
 from wsss_fast.ops import fuse_attention_maps
 
 NUM_CLASSES = 20
@@ -59,16 +59,13 @@ def test_fuse_attention_maps(benchmark, backend, shape, dtype, mode):
             q.grad = k.grad = weights.grad = None
             synchronize()
 
-    benchmark.group = f"fuse_attention_maps {mode} {'x'.join(map(str, shape))} {dtype} {device}"
-    benchmark.extra_info.update(
+    time_fused_case(
+        benchmark,
+        step,
+        group=f"fuse_attention_maps {mode} {'x'.join(map(str, shape))} {dtype} {device}",
         backend=backend,
-        shape=list(shape),
+        shape=shape,
         dtype=dtype,
-        device=torch.cuda.get_device_name() if on_cuda else "cpu",
+        device=device,
+        cpu_rounds=CPU_ROUNDS,
     )
-    if on_cuda:
-        step()  # warm-up: Triton compilation, allocator caches
-        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
-        benchmark(step)
-    else:
-        benchmark.pedantic(step, rounds=CPU_ROUNDS, iterations=1)

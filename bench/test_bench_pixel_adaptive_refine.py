@@ -11,7 +11,7 @@ goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib, timed_device
+from bench.measure import time_fused_case, timed_device
 from wsss_fast.ops import refine_pixel_adaptive
 
 SHAPE = (4, 21, 224, 224)
@@ -40,16 +40,13 @@ def test_refine_pixel_adaptive(benchmark, backend):
         refine_pixel_adaptive(images, probs, backend=backend)
         synchronize()
 
-    benchmark.group = f"refine_pixel_adaptive {'x'.join(map(str, shape))} K=48 10 it {device}"
-    benchmark.extra_info.update(
+    time_fused_case(
+        benchmark,
+        step,
+        group=f"refine_pixel_adaptive {'x'.join(map(str, shape))} K=48 10 it {device}",
         backend=backend,
-        shape=list(shape),
+        shape=shape,
         dtype="float32",
-        device=torch.cuda.get_device_name() if on_cuda else "cpu",
+        device=device,
+        cpu_rounds=CPU_ROUNDS,
     )
-    if on_cuda:
-        step()  # warm-up: Triton compilation, allocator caches
-        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
-        benchmark(step)
-    else:
-        benchmark.pedantic(step, rounds=CPU_ROUNDS, iterations=1)

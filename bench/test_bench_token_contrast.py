@@ -10,7 +10,7 @@ Peak memory above the inputs goes to ``extra_info`` on CUDA.
 import pytest
 import torch
 
-from bench.measure import peak_extra_memory_mib, timed_device
+from bench.measure import time_fused_case, timed_device
 from wsss_fast.ops import token_contrast_loss
 
 SHAPES = [(4, 784, 768), (4, 1764, 768)]
@@ -51,14 +51,12 @@ def test_token_contrast_loss(benchmark, backend, shape, dtype, mode):
             tokens.grad = None
             synchronize()
 
-    benchmark.group = f"token_contrast_loss {mode} {'x'.join(map(str, shape))} {dtype} {device}"
-    benchmark.extra_info.update(
+    time_fused_case(
+        benchmark,
+        step,
+        group=f"token_contrast_loss {mode} {'x'.join(map(str, shape))} {dtype} {device}",
         backend=backend,
-        shape=list(shape),
+        shape=shape,
         dtype=dtype,
-        device=torch.cuda.get_device_name() if on_cuda else "cpu",
+        device=device,
     )
-    step()  # warm-up: Triton compilation, allocator caches
-    if on_cuda:
-        benchmark.extra_info["peak_extra_memory_mib"] = peak_extra_memory_mib(step)
-    benchmark(step)
