@@ -23,7 +23,9 @@ from wsss_fast.ops.dense_crf import (
     NORMALIZE_AFTER,
     NORMALIZE_BEFORE,
     NORMALIZE_SYMMETRIC,
+    bilateral_features,
     dense_crf_inference,
+    pixel_grid_features,
 )
 
 CONST_KERNEL = 0
@@ -183,8 +185,6 @@ class DenseCRF2D(DenseCRF):
         self._height = h
 
     def _grid(self, sxy: tuple[float, float]) -> torch.Tensor:
-        from wsss_fast.ops.dense_crf import pixel_grid_features
-
         return pixel_grid_features(self._height, self._width, sxy, "cpu")
 
     def addPairwiseGaussian(
@@ -197,8 +197,6 @@ class DenseCRF2D(DenseCRF):
         self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
     ) -> None:
         """Appearance kernel on (x / sx, y / sy, r / sr, g / sg, b / sb); rgbim uint8 (H, W, 3)."""
-        from wsss_fast.ops.dense_crf import bilateral_features
-
         image = np.asarray(rgbim)
         expected = (self._height, self._width, 3)
         if image.shape != expected:
