@@ -15,6 +15,8 @@ def test_auto_prefers_triton_on_cuda_and_compiled_on_cpu(monkeypatch):
     assert resolve_backend("op", CPU, ("triton", "reference")) == "reference"
     assert resolve_backend("op", CPU, ("compiled", "reference")) == "compiled"
     assert resolve_backend("op", CUDA, ("compiled", "reference")) == "compiled"
+    assert resolve_backend("op", CPU, ("triton", "torch", "reference")) == "torch"
+    assert resolve_backend("op", CUDA, ("triton", "torch", "reference")) == "triton"
 
 
 def test_argument_wins_over_environment(monkeypatch):

@@ -3,6 +3,8 @@
 Backends:
 - ``triton``: fused Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 - ``compiled``: the C++ / CUDA extension ``wsss_fast._C``.
+- ``torch``: batched plain PyTorch without Python loops over images, for ops whose
+  reference is too slow to train with on a CPU and that have no compiled kernel.
 - ``reference``: the plain-PyTorch / numpy implementations of ``wsss_fast.reference``.
 - ``auto`` picks the fastest one the op has for the tensor's device.
 
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "compiled", "reference")
+BACKENDS = ("auto", "triton", "compiled", "torch", "reference")
 BACKEND_ENV_VAR = "WSSS_FAST_BACKEND"
 
 
@@ -27,8 +29,9 @@ def _triton_runs_on(device: torch.device) -> bool:
 def _auto(device: torch.device, supported: tuple[str, ...]) -> str:
     if device.type == "cuda" and "triton" in supported:
         return "triton"
-    if "compiled" in supported:
-        return "compiled"
+    for backend in ("compiled", "torch"):
+        if backend in supported:
+            return backend
     return "reference"
 
 

@@ -18,7 +18,9 @@ The fused op ``torch.ops.wsss_fast.refine_pixel_adaptive`` (Triton, see
 ``wsss_fast.kernels.pixel_adaptive_refine``) computes the (B, K, H, W) affinities once
 and runs one gather-and-weight kernel per iteration over all images and classes. The
 reference backend follows ToCo's code: pad + dilated conv per dilation, concatenation,
-a loop over the images.
+a loop over the images. The ``torch`` backend (the CPU default) is the same
+arithmetic batched over images: neighbours are slices of one replicate-padded map per
+dilation (no convolution), and each iteration is a sum of K weighted slices.
 
 No gradient: PAR makes pseudo-labels. ``refine_pixel_adaptive`` detaches its inputs
 on every backend, so its result never requires grad. The raw op has no autograd
@@ -30,10 +32,14 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 
 from wsss_fast.ops._backend import resolve_backend
 
-SUPPORTED_BACKENDS = ("triton", "reference")
+SUPPORTED_BACKENDS = ("triton", "torch", "reference")
+# Neighbour offsets (row, column) in units of the dilation, in the reference's order.
+_NEIGHBOR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+_STD_EPS = 1e-8
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,6 +61,37 @@ def _refine_pixel_adaptive_op(
 @_refine_pixel_adaptive_op.register_fake
 def _refine_pixel_adaptive_fake(images, probs, dilations, iterations, w_color, w_pos):
     return probs.new_empty(probs.shape)
+
+
+def _neighbor_slices(maps: torch.Tensor, dilations: Sequence[int]):
+    """Yields the K neighbour maps of (B, C, H, W) ``maps``, each (B, C, H, W), as
+    views of a replicate-padded copy per dilation (offsets as ``_NEIGHBOR_OFFSETS``)."""
+    height, width = maps.shape[-2:]
+    for dilation in dilations:
+        padded = F.pad(maps, [dilation] * 4, mode="replicate")
+        for row, column in _NEIGHBOR_OFFSETS:
+            top, left = dilation * (1 + row), dilation * (1 + column)
+            yield padded[..., top : top + height, left : left + width]
+
+
+def _refine_pixel_adaptive_torch(images, probs, dilations, iterations, w_color, w_pos):
+    """The ``torch`` backend: (B, M, H, W) in the probs' dtype, computed in float32."""
+    images = images.float()
+    masks = probs.float()
+    neighbors = torch.stack(list(_neighbor_slices(images, dilations)), dim=2)  # (B, 3, K, H, W)
+    color_std = neighbors.std(dim=2, keepdim=True)
+    color = -(((neighbors - images[:, :, None]).abs() / (color_std + _STD_EPS) / w_color) ** 2)
+    unit = torch.tensor([2**0.5 if row and column else 1.0 for row, column in _NEIGHBOR_OFFSETS])
+    distances = torch.cat([unit * dilation for dilation in dilations]).to(images.device)
+    position = -((distances / (distances.std() + _STD_EPS) / w_color) ** 2)
+    affinity = color.mean(dim=1).softmax(dim=1) + w_pos * position.softmax(dim=0)[:, None, None]
+    affinity = affinity[:, None]  # (B, 1, K, H, W): the same weights for every map
+    for _ in range(iterations):
+        refined = torch.zeros_like(masks)
+        for index, neighbor in enumerate(_neighbor_slices(masks, dilations)):
+            refined.addcmul_(affinity[:, :, index], neighbor)
+        masks = refined
+    return masks.to(probs.dtype).contiguous()
 
 
 def _tensor_description(value) -> str:
@@ -129,8 +166,8 @@ def refine_pixel_adaptive(
         w_color: colour (and, as in ToCo, position) affinity temperature.
         w_pos: weight of the position affinity.
         check_range: raise if ``images`` leave [0, 1] (synchronises with the device).
-        backend: ``triton``, ``reference`` or ``auto`` (default: ``WSSS_FAST_BACKEND``,
-            else auto: Triton on CUDA tensors, the reference on CPU tensors).
+        backend: ``triton``, ``torch``, ``reference`` or ``auto`` (default:
+            ``WSSS_FAST_BACKEND``, else auto: Triton on CUDA tensors, ``torch`` on CPU).
 
     Returns:
         (B, M, H, W) in the probs' dtype (computed in float32), contiguous. Never
@@ -140,6 +177,10 @@ def refine_pixel_adaptive(
     images, probs = images.detach(), probs.detach()
     dilations = [int(dilation) for dilation in dilations]
     chosen = resolve_backend("refine_pixel_adaptive", probs.device, SUPPORTED_BACKENDS, backend)
+    if chosen == "torch":
+        return _refine_pixel_adaptive_torch(
+            images, probs, dilations, int(iterations), float(w_color), float(w_pos)
+        )
     if chosen == "reference":
         from wsss_fast.reference.pixel_adaptive_refine import refine_pixel_adaptive as reference
 
