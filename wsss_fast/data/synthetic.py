@@ -5,7 +5,11 @@ image shows 1 to ``max_objects`` objects of 8 classes told apart only by shape (
 square, triangle, star, cross, crescent, heart, arrow); every instance gets its own
 random colour and texture (stripes, checks, dots, smooth blobs or flat) with grain, a
 random size, rotation, stretch and position, so neither colour nor texture says the
-class. Backgrounds are two-colour textures under a smooth colour field with random
+class. ``SyntheticConfig.class_set`` picks the shapes: "shapes" (the default, the 8
+above) or "pretrain", 12 other shapes (pentagon, hexagon, ring, diamond, L, T, lens, bolt,
+semicircle, trapezoid, bow tie, drop) that share none of the 8 and serve to pretrain a
+backbone (``wsss_fast.models.pretrain_synthetic``) without seeing the target classes.
+Backgrounds are two-colour textures under a smooth colour field with random
 lines and arcs as clutter. Objects are painted in order, so later ones partly hide
 earlier ones; every object keeps at least ``min_visible_fraction`` of its area visible
 (occlusion and the image border both count), and its colours are drawn so that its mean
@@ -14,14 +18,14 @@ farthest of 16 candidates otherwise, which is rare), so each label can be seen.
 
 Objects are rendered at 4x and area-averaged: edges are anti-aliased in the image and a
 boundary pixel takes the class covering at least half of it in the mask. Masks hold 0
-(background) and 1..8; there are no ignore (255) pixels, since no pixel is ambiguous
-beyond that half-coverage rule.
+(background) and 1..K (the K classes of the class set); there are no ignore (255)
+pixels, since no pixel is ambiguous beyond that half-coverage rule.
 
 Every image draws from its own generator seeded by (seed, split, index): the output is
 the same bytes for the same settings, and images do not depend on each other.
 
     python -m wsss_fast.data.synthetic --out DIR [--seed S] [--num-train N]
-        [--num-val N] [--size PX]
+        [--num-val N] [--size PX] [--class-set {shapes,pretrain}]
 
 ``get_or_create_synthetic_dataset`` is what the trainer calls: it generates into a
 cache folder named by a hash of the settings, once, and reuses it afterwards.
@@ -80,6 +84,7 @@ class SyntheticConfig:
     object_radius_range: tuple[float, float] = (0.14, 0.3)  # fractions of the image side
     min_visible_fraction: float = 0.5
     jpeg_quality: int = 95
+    class_set: str = "shapes"  # a key of CLASS_SETS
 
     def __post_init__(self):
         if self.num_train < 1 or self.num_val < 1:
@@ -102,11 +107,30 @@ class SyntheticConfig:
             )
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.class_set not in CLASS_SETS:
+            raise ValueError(
+                f"class_set must be one of {sorted(CLASS_SETS)}, got {self.class_set!r}"
+            )
+
+    @property
+    def shape_names(self) -> tuple[str, ...]:
+        """The foreground classes drawn, in label order (label 1 first)."""
+        return CLASS_SETS[self.class_set]
+
+    def settings(self) -> dict:
+        """The fields and generator version, as hashed and written to synthetic.json.
+
+        ``class_set`` is left out at its default: it came after version 1, and leaving it
+        out keeps the default dataset's cache key and files byte-identical.
+        """
+        settings = {**dataclasses.asdict(self), "generator_version": GENERATOR_VERSION}
+        if self.class_set == _DEFAULT_CLASS_SET:
+            del settings["class_set"]
+        return settings
 
     def cache_key(self) -> str:
         """A short hash of the settings and the generator version."""
-        settings = {**dataclasses.asdict(self), "generator_version": GENERATOR_VERSION}
-        return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # Shapes: lists of (polygon, fill) in unit coordinates (about radius 1, y down); a fill of
@@ -123,6 +147,32 @@ def _star() -> np.ndarray:
     radii = np.where(np.arange(10) % 2 == 0, 1.35, 0.55)
     angles = -np.pi / 2 + np.pi * np.arange(10) / 5
     return radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _arc(center: tuple[float, float], radius: float, start: float, stop: float) -> np.ndarray:
+    """Points on a circular arc from angle ``start`` to ``stop`` (radians): (32, 2)."""
+    angles = np.linspace(start, stop, 32)
+    return np.array(center) + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def _lens() -> np.ndarray:
+    """Intersection of two discs of radius 1.6 whose centres lie 2.2 apart."""
+    half_angle = math.acos(1.1 / 1.6)
+    return 1.3 * np.concatenate(
+        [
+            _arc((-1.1, 0.0), 1.6, -half_angle, half_angle),
+            _arc((1.1, 0.0), 1.6, np.pi - half_angle, np.pi + half_angle),
+        ]
+    )
+
+
+def _drop() -> np.ndarray:
+    """A disc with a pointed tip: tangents from the tip (0, -1.75) to a disc of radius 0.85."""
+    radius, tip = 0.85, 1.75 + 0.4
+    tangent = math.asin(radius / tip)
+    return np.concatenate(
+        [[(0.0, -1.75)], _arc((0.0, 0.4), radius, -np.pi / 2 + tangent, 3 * np.pi / 2 - tangent)]
+    )
 
 
 def _heart() -> np.ndarray:
@@ -181,7 +231,95 @@ _SHAPES: dict[str, list[tuple[np.ndarray, int]]] = {
         )
     ],
 }
-SHAPE_CLASS_NAMES = tuple(_SHAPES)
+# The pretraining shapes: none of them is (close to) one of the 8 above.
+_SHAPES.update(
+    {
+        "pentagon": [(_regular_polygon(5, 1.2, -np.pi / 2), 1)],
+        "hexagon": [(_regular_polygon(6, 1.1), 1)],
+        "ring": [(_regular_polygon(64, 1.2), 1), (_regular_polygon(64, 0.65), 0)],
+        "diamond": [(np.array([(0.0, -1.55), (0.95, 0.0), (0.0, 1.55), (-0.95, 0.0)]), 1)],
+        "ell": [
+            (
+                np.array(
+                    [(-1.0, -1.3), (-0.2, -1.3), (-0.2, 0.5), (1.0, 0.5), (1.0, 1.3), (-1.0, 1.3)]
+                ),
+                1,
+            )
+        ],
+        "tee": [
+            (
+                np.array(
+                    [
+                        (-1.3, -1.2),
+                        (1.3, -1.2),
+                        (1.3, -0.45),
+                        (0.38, -0.45),
+                        (0.38, 1.3),
+                        (-0.38, 1.3),
+                        (-0.38, -0.45),
+                        (-1.3, -0.45),
+                    ]
+                ),
+                1,
+            )
+        ],
+        "lens": [(_lens(), 1)],
+        "bolt": [
+            (
+                1.4
+                * np.array(
+                    [
+                        (0.35, -1.5),
+                        (-0.75, 0.15),
+                        (0.0, 0.15),
+                        (-0.45, 1.5),
+                        (0.8, -0.35),
+                        (0.05, -0.35),
+                    ]
+                ),
+                1,
+            )
+        ],
+        "semicircle": [(_arc((0.0, 0.45), 1.4, np.pi, 2 * np.pi), 1)],
+        "trapezoid": [(np.array([(-0.6, -0.8), (0.6, -0.8), (1.35, 0.8), (-1.35, 0.8)]), 1)],
+        "bowtie": [
+            (
+                np.array(
+                    [(-1.3, -1.0), (0.0, -0.15), (1.3, -1.0), (1.3, 1.0), (0.0, 0.15), (-1.3, 1.0)]
+                ),
+                1,
+            )
+        ],
+        "drop": [(_drop(), 1)],
+    }
+)
+SHAPE_CLASS_NAMES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "crescent",
+    "heart",
+    "arrow",
+)
+PRETRAIN_SHAPE_NAMES = (
+    "pentagon",
+    "hexagon",
+    "ring",
+    "diamond",
+    "ell",
+    "tee",
+    "lens",
+    "bolt",
+    "semicircle",
+    "trapezoid",
+    "bowtie",
+    "drop",
+)
+# Foreground classes of each class set, in label order.
+CLASS_SETS = {"shapes": SHAPE_CLASS_NAMES, "pretrain": PRETRAIN_SHAPE_NAMES}
+_DEFAULT_CLASS_SET = "shapes"
 CLASS_NAMES = ("background", *SHAPE_CLASS_NAMES)
 
 
@@ -304,9 +442,10 @@ def render_synthetic_image(
     """Draws one image and its mask.
 
     Returns ``image`` (S, S, 3) uint8 RGB and ``mask`` (S, S) uint8 with 0 background
-    and 1..8 the shape classes (``CLASS_NAMES``).
+    and 1..K the shape classes (``config.shape_names``; ``CLASS_NAMES`` by default).
     """
     size = config.image_size
+    shape_names = config.shape_names
     canvas = _background(rng, size)
     # Which object owns each pixel (-1: background); class of each placed object.
     owner = np.full((size, size), -1, dtype=np.int8)
@@ -316,8 +455,8 @@ def render_synthetic_image(
     low_radius, high_radius = (fraction * size for fraction in config.object_radius_range)
     for _ in range(target_count):
         for attempt in range(_PLACEMENT_ATTEMPTS):
-            class_index = int(rng.integers(len(SHAPE_CLASS_NAMES)))
-            shape = SHAPE_CLASS_NAMES[class_index]
+            class_index = int(rng.integers(len(shape_names)))
+            shape = shape_names[class_index]
             radius = rng.uniform(low_radius, high_radius)
             center = rng.uniform(0.1 * size, 0.9 * size, 2)
             if not object_classes and attempt == _PLACEMENT_ATTEMPTS - 1:
@@ -371,9 +510,9 @@ def _write_dataset(folder: Path, config: SyntheticConfig, progress: bool) -> Non
     split_dir = folder / "ImageSets" / "Segmentation"
     for directory in (image_dir, mask_dir, split_dir):
         directory.mkdir(parents=True)
-    (folder / CLASS_NAMES_FILE).write_text("\n".join(CLASS_NAMES) + "\n")
-    settings = {**dataclasses.asdict(config), "generator_version": GENERATOR_VERSION}
-    (folder / "synthetic.json").write_text(json.dumps(settings, indent=2) + "\n")
+    class_names = ("background", *config.shape_names)
+    (folder / CLASS_NAMES_FILE).write_text("\n".join(class_names) + "\n")
+    (folder / "synthetic.json").write_text(json.dumps(config.settings(), indent=2) + "\n")
     # No chroma subsampling: at 64 px, 4:2:0 would smear colour across object edges.
     jpeg_options = [
         cv2.IMWRITE_JPEG_QUALITY,
@@ -457,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, default=defaults.image_size, help="image side in pixels"
     )
+    parser.add_argument(
+        "--class-set",
+        choices=sorted(CLASS_SETS),
+        default=defaults.class_set,
+        help="shapes: the 8 classes of the dataset; pretrain: 12 other shapes",
+    )
     arguments = parser.parse_args(argv)
     try:
         config = SyntheticConfig(
@@ -464,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             num_train=arguments.num_train,
             num_val=arguments.num_val,
             image_size=arguments.size,
+            class_set=arguments.class_set,
         )
         started = time.perf_counter()
         out_dir = generate_synthetic_dataset(arguments.out, config)
