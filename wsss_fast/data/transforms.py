@@ -353,10 +353,10 @@ def multi_scale_flip_inference(
     Shared by CAM generation and segmentation inference. Per scale, the images are
     resized (bilinear) to a size rounded to a multiple of ``size_divisor`` (the patch
     size, for a ViT) and passed together with their horizontal flips as one batch; the
-    flipped maps are flipped back and merged with the unflipped ones by ``flip_merge``
-    ("max": ToCo's CAMs, "sum": WeakTr's and segmentation's); every scale's map is
-    resized (bilinear) to ``output_size`` and the scales are summed. Runs under the
-    caller's grad mode.
+    maps are resized (bilinear) to ``output_size``, the flipped ones flipped back and
+    merged with the unflipped ones by ``flip_merge`` ("max": ToCo's CAMs, "sum":
+    WeakTr's and segmentation's), and the scales are summed. Runs under the caller's
+    grad mode.
 
     Args:
         forward: (b, 3, h, w) -> (b, K, h', w') maps (logits, CAMs, ...).
@@ -393,12 +393,14 @@ def multi_scale_flip_inference(
                 f"forward must return (b, K, h, w) maps for its b={scaled.shape[0]} inputs, "
                 f"got shape {tuple(maps.shape)}"
             )
+        # Resized before the flip merge, as ToCo's multi_scale_cam (max does not commute
+        # with the interpolation).
+        maps = F.interpolate(maps, size=output_size, mode="bilinear", align_corners=False)
         if flip:
             unflipped, flipped_back = maps[:batch], maps[batch:].flip(-1)
             if flip_merge == "max":
                 maps = torch.maximum(unflipped, flipped_back)
             else:
                 maps = unflipped + flipped_back
-        maps = F.interpolate(maps, size=output_size, mode="bilinear", align_corners=False)
         merged = maps if merged is None else merged + maps
     return merged
