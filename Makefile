@@ -22,7 +22,7 @@ install: $(BIN)/python
 		$(BIN)/python -m pip install --no-build-isolation -e ".[test]"
 
 run: install
-	$(BIN)/python -m wsss_fast.demo
+	$(BIN)/python -m wsss_fast.train
 
 lint:
 	$(BIN)/ruff check .

@@ -1,0 +1,78 @@
+"""Heads shared by the methods: the token classifier, LargeFOV, the projection head."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+
+class TokenClassifier(nn.Module):
+    """A bias-free 1x1 conv D -> C over a token map: image logits and CAMs share it.
+
+    ``logits`` pools the map first (global max, ToCo), ``cams`` applies the same
+    weights per token.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, embed_dim))
+        # nn.Conv2d's default initialisation, as the reference's 1x1 conv has.
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def logits(self, token_map: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, C) from the global max of every channel."""
+        pooled = token_map.amax(dim=(2, 3))
+        return pooled @ self.weight.t()
+
+    def cams(self, token_map: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, C, h, w) class activation maps (before ReLU)."""
+        return torch.einsum("bdhw,cd->bchw", token_map, self.weight)
+
+
+class LargeFOVHead(nn.Module):
+    """DeepLab-LargeFOV head as ToCo uses it: two dilated 3x3 convs and a 1x1, no biases.
+
+    (B, D, h, w) -> (B, num_classes, h, w).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 512, dilation: int = 5):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, num_classes, 1, bias=False),
+        )
+
+    def forward(self, token_map: torch.Tensor) -> torch.Tensor:
+        return self.layers(token_map)
+
+
+class ProjectionHead(nn.Module):
+    """ToCo's class-token projection: MLP D -> hidden -> hidden -> bottleneck (GELU),
+    L2 normalisation, then a weight-normed bias-free linear bottleneck -> out whose
+    weight norm is fixed at 1 (DINO's head). (B, D) -> (B, out_dim)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.last_layer = parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, out_dim, bias=False)
+        )
+        # The magnitude stays 1: only directions are learnt.
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(features), dim=-1))
