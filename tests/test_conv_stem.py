@@ -13,7 +13,7 @@ MODEL = "vit_convstem_tiny_patch8"
 def test_builds_through_timm_with_the_half_mean_and_std():
     model = timm.create_model(MODEL, num_classes=0)
     assert isinstance(model.patch_embed, ConvStemPatchEmbed)
-    assert model.patch_embed.patch_size == (8, 8) and model.num_prefix_tokens == 0
+    assert model.patch_embed.patch_size == (8, 8) and model.num_prefix_tokens == 1
     config = timm.data.resolve_model_data_config(model)
     assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
 
@@ -31,7 +31,7 @@ def test_dynamic_img_size_runs_the_whole_vit_at_another_size():
     model = timm.create_model(MODEL, num_classes=0, dynamic_img_size=True).eval()
     with torch.no_grad():
         tokens = model.forward_features(torch.randn(1, 3, 96, 96))
-    assert tokens.shape == (1, 144, 192)
+    assert tokens.shape == (1, 1 + 144, 192)  # the class token, then the patches
 
 
 def test_stem_options_and_patch_size_must_agree():

@@ -180,3 +180,17 @@ def test_the_reference_structured_step_computes_the_same_losses(model):
         torch.testing.assert_close(reference.terms[name], value, rtol=2e-4, atol=2e-5, msg=name)
     assert torch.equal(reference.seg_labels, fused.seg_labels)
     torch.testing.assert_close(reference.total, fused.total, rtol=2e-4, atol=2e-5)
+
+
+def test_classifier_pooling_and_cams_share_weights():
+    from wsss_fast.models.heads import TokenClassifier
+
+    classifier = TokenClassifier(6, 4)
+    token_map = torch.randn(2, 6, 3, 5)
+    cams = classifier.cams(token_map)
+    # Average pooling commutes with the 1x1 weights: the logits are the mean CAM.
+    torch.testing.assert_close(classifier.logits(token_map, "avg"), cams.mean(dim=(2, 3)))
+    expected_max = token_map.amax(dim=(2, 3)) @ classifier.weight.t()
+    torch.testing.assert_close(classifier.logits(token_map), expected_max)
+    with pytest.raises(ValueError, match="pooling must be"):
+        classifier.logits(token_map, "sum")

@@ -116,6 +116,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(dataset, tmp_path, monke
         run(dataset, interrupted, 4)
     assert load_checkpoint(interrupted)["iteration"] == 2
     monkeypatch.setattr(ToCo, "training_step", original_step)
+    with pytest.raises(SystemExit):  # a resumed run keeps its config
+        trainer.main(["--resume", str(interrupted), "optim.lr=1e-3"])
     assert trainer.main(["--resume", str(interrupted)]) == 0
 
     expected = load_checkpoint(uninterrupted)

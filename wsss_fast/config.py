@@ -75,6 +75,8 @@ class ToCoConfig:
     """ToCo's numbers (methods.md, section 1); defaults are the VOC recipe."""
 
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
+    # Global pooling of the classifiers: "max" (ToCo) or "avg" before ``max_pooling_iter``.
+    max_pooling_iter: int = 0
     high_threshold: float = 0.7
     low_threshold: float = 0.25
     # Loss weights; the segmentation term is off before ``seg_start_iter``.

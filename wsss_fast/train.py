@@ -621,27 +621,47 @@ def resolve_config(arguments: argparse.Namespace) -> TrainConfig:
     return build_config(layers)
 
 
+def _resumed_config(arguments: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
+    """(config, run directory, checkpoint) of the run ``--resume`` continues."""
+    fixed = {
+        "--method": arguments.method,
+        "--data": arguments.data,
+        "--data-root": arguments.data_root,
+        "--backbone": arguments.backbone,
+        "--pretrained": arguments.pretrained,
+        "--config": arguments.config,
+        "--batch-size": arguments.batch_size,
+    }
+    changed = [flag for flag, value in fixed.items() if value is not None]
+    if changed or arguments.overrides:
+        raise ValueError(
+            "a resumed run keeps its config; only --iters and --device may change, got "
+            + ", ".join(changed + arguments.overrides)
+        )
+    source = Path(arguments.resume) if arguments.resume else arguments.out
+    if source is None:
+        raise ValueError("--resume needs a run directory: give --out DIR or --resume DIR")
+    checkpoint_path = source / "checkpoints" / "latest.pt" if source.is_dir() else source
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {checkpoint_path}")
+    run_dir = arguments.out or (source if source.is_dir() else source.parent.parent)
+    layers = [load_checkpoint(checkpoint_path)["config"]]
+    if arguments.iters is not None:
+        layers.append({"iters": arguments.iters})
+    if arguments.device is not None:
+        layers.append({"device": arguments.device})
+    return build_config(layers), run_dir, checkpoint_path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
     resume_from = None
+    # Errors in the arguments and config are usage errors; errors in the run keep
+    # their traceback.
     try:
         if arguments.resume is not None:
-            source = Path(arguments.resume) if arguments.resume else arguments.out
-            if source is None:
-                parser.error("--resume needs a run directory: give --out DIR or --resume DIR")
-            checkpoint_path = source / "checkpoints" / "latest.pt" if source.is_dir() else source
-            if not checkpoint_path.is_file():
-                raise FileNotFoundError(f"no checkpoint to resume at {checkpoint_path}")
-            run_dir = arguments.out or (source if source.is_dir() else source.parent.parent)
-            saved = load_checkpoint(checkpoint_path)["config"]
-            layers = [saved]
-            if arguments.iters is not None:
-                layers.append({"iters": arguments.iters})
-            if arguments.device is not None:
-                layers.append({"device": arguments.device})
-            config = build_config(layers)
-            resume_from = checkpoint_path
+            config, run_dir, resume_from = _resumed_config(arguments)
         else:
             config = resolve_config(arguments)
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -649,13 +669,14 @@ def main(argv: list[str] | None = None) -> int:
                 arguments.out or Path("runs") / f"{config.method}_{config.data.dataset}_{stamp}"
             )
             if (run_dir / "checkpoints" / "latest.pt").exists():
-                parser.error(f"{run_dir} already holds a run: pass --resume, or another --out")
+                raise ValueError(f"{run_dir} already holds a run: pass --resume, or another --out")
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    try:
         train(config, run_dir, resume_from)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -194,8 +194,9 @@ class ToCo(nn.Module):
         token_map = output.patch_map()[:batch_size]
         aux_map = output.patch_map(output.intermediate[self.aux_block])[:batch_size]
 
-        logits = self.classifier.logits(token_map)
-        aux_logits = self.aux_classifier.logits(aux_map)
+        pooling = "max" if iteration >= config.max_pooling_iter else "avg"
+        logits = self.classifier.logits(token_map, pooling)
+        aux_logits = self.aux_classifier.logits(aux_map, pooling)
         seg_logits = self.seg_head(token_map)
 
         cams, aux_cams = self._pseudo_label_cams(images, token_map.detach(), aux_map.detach())

@@ -176,7 +176,9 @@ def _create_convstem_vit(variant: str, pretrained: bool = False, **kwargs) -> Vi
 def vit_convstem_tiny_patch8(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT-Tiny-like (width 192, 3 heads, depth 4) on a 3-stage conv stem, patch 8, 64 px.
 
-    No class token (``num_prefix_tokens == 0``): every token is a patch, average pooling.
+    A class token without a position (``no_embed_class``: the position embedding covers
+    the patches only), which ToCo's class-token contrast and WeakTr's class tokens need;
+    average pooling over the patches for a classifier.
     Stem options (``stem_channels``, ``convs_per_stage``, ``stem_norm``) and any
     VisionTransformer argument can be overridden through ``timm.create_model``.
     """
@@ -187,7 +189,8 @@ def vit_convstem_tiny_patch8(pretrained: bool = False, **kwargs) -> VisionTransf
         "depth": 4,
         "num_heads": 3,
         "mlp_ratio": 4.0,
-        "class_token": False,
+        "class_token": True,
+        "no_embed_class": True,
         "global_pool": "avg",
     }
     return _create_convstem_vit(

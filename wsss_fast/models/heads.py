@@ -9,8 +9,8 @@ from torch.nn.utils import parametrizations
 class TokenClassifier(nn.Module):
     """A bias-free 1x1 conv D -> C over a token map: image logits and CAMs share it.
 
-    ``logits`` pools the map first (global max, ToCo), ``cams`` applies the same
-    weights per token.
+    ``logits`` pools the map first (global max in ToCo; global average learns faster
+    from scratch), ``cams`` applies the same weights per token.
     """
 
     def __init__(self, embed_dim: int, num_classes: int):
@@ -19,9 +19,14 @@ class TokenClassifier(nn.Module):
         # nn.Conv2d's default initialisation, as the reference's 1x1 conv has.
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
-    def logits(self, token_map: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, C) from the global max of every channel."""
-        pooled = token_map.amax(dim=(2, 3))
+    def logits(self, token_map: torch.Tensor, pooling: str = "max") -> torch.Tensor:
+        """(B, D, h, w) -> (B, C) from the global ``max`` (ToCo) or ``avg`` of every channel."""
+        if pooling == "max":
+            pooled = token_map.amax(dim=(2, 3))
+        elif pooling == "avg":
+            pooled = token_map.mean(dim=(2, 3))
+        else:
+            raise ValueError(f"pooling must be 'max' or 'avg', got {pooling!r}")
         return pooled @ self.weight.t()
 
     def cams(self, token_map: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,9 @@ def reference_training_step(model: ToCo, batch: dict, iteration: int) -> StepOut
     output = model.backbone(images, intermediate_blocks=(model.aux_block,))
     token_map = output.patch_map()
     aux_map = output.patch_map(output.intermediate[model.aux_block])
-    logits = model.classifier.logits(token_map)
-    aux_logits = model.aux_classifier.logits(aux_map)
+    pooling = "max" if iteration >= config.max_pooling_iter else "avg"
+    logits = model.classifier.logits(token_map, pooling)
+    aux_logits = model.aux_classifier.logits(aux_map, pooling)
     seg_logits = model.seg_head(token_map)
 
     # Teacher pass (autograd, then detached) and student passes of the global views.
