@@ -142,20 +142,24 @@ class ToCo(nn.Module):
         """Normalised CAMs at the images' size (ToCo's ``multi_scale_cam``): per scale
         resized, max with the flip's, ReLU; summed; min-max per class.
         (B, 3, H, W) -> (B, C, H, W) float32."""
-        total = 0
-        for scale in scales:
-            total = (
-                total
-                + multi_scale_flip_inference(
-                    lambda x: self.cams(x, aux).float(),
-                    images,
-                    scales=(scale,),
-                    flip=True,
-                    flip_merge="max",
-                    size_divisor=self.backbone.patch_size,
-                ).relu()
-            )
-        return normalize_cams(total)
+        return normalize_cams(
+            self._flip_max_cam_sum(lambda x: self.cams(x, aux).float(), images, scales)
+        )
+
+    def _flip_max_cam_sum(self, forward, images: torch.Tensor, scales) -> torch.Tensor:
+        """Sum over ``scales`` of ReLU(max(CAM, flipped CAM)), each resized to the images
+        first: ToCo's order (ReLU after the flip max, per scale). 0 for no scales."""
+        return sum(
+            multi_scale_flip_inference(
+                forward,
+                images,
+                scales=(scale,),
+                flip=True,
+                flip_merge="max",
+                size_divisor=self.backbone.patch_size,
+            ).relu()
+            for scale in scales
+        )
 
     @torch.no_grad()
     def multi_scale_segment(self, images: torch.Tensor, scales: tuple[float, ...]) -> torch.Tensor:
@@ -194,7 +198,7 @@ class ToCo(nn.Module):
         token_map = output.patch_map()[:batch_size]
         aux_map = output.patch_map(output.intermediate[self.aux_block])[:batch_size]
 
-        pooling = "max" if iteration >= config.max_pooling_iter else "avg"
+        pooling = self.pooling(iteration)
         logits = self.classifier.logits(token_map, pooling)
         aux_logits = self.aux_classifier.logits(aux_map, pooling)
         seg_logits = self.seg_head(token_map)
@@ -248,6 +252,21 @@ class ToCo(nn.Module):
         )
         seg = segmentation_loss(seg_logits, seg_labels)
 
+        return self.combine_losses(
+            iteration, logits, aux_logits, image_labels, ptc, ctc, seg, seg_labels
+        )
+
+    def pooling(self, iteration: int) -> str:
+        """The classifiers' global pooling at ``iteration``: "avg" before
+        ``max_pooling_iter``, then "max"."""
+        return "max" if iteration >= self.config.max_pooling_iter else "avg"
+
+    def combine_losses(
+        self, iteration, logits, aux_logits, image_labels, ptc, ctc, seg, seg_labels
+    ) -> StepOutput:
+        """ToCo's loss schedule: the classification terms from ``logits`` and
+        ``aux_logits`` (B, C), and the weighted sum with the 0-d ``ptc``, ``ctc``, ``seg``."""
+        config = self.config
         contrast_on = iteration >= config.contrast_start_iter
         terms = {
             "cls": F.multilabel_soft_margin_loss(logits.float(), image_labels),
@@ -298,22 +317,10 @@ class ToCo(nn.Module):
         try:
             unflipped = resized(both_cams(token_map, aux_map))
             flipped = resized(encode(images.flip(-1))).flip(-1)
-            total = F.relu(torch.maximum(unflipped, flipped))
-            for scale in self.config.cam_scales:
-                if scale == 1.0:
-                    continue
-                # Per scale: resize, flip max, then ReLU, in ToCo's order.
-                total = (
-                    total
-                    + multi_scale_flip_inference(
-                        encode,
-                        images,
-                        scales=(scale,),
-                        flip=True,
-                        flip_merge="max",
-                        size_divisor=self.backbone.patch_size,
-                    ).relu()
-                )
+            other_scales = [scale for scale in self.config.cam_scales if scale != 1.0]
+            total = F.relu(torch.maximum(unflipped, flipped)) + self._flip_max_cam_sum(
+                encode, images, other_scales
+            )
         finally:
             self.train(was_training)
         cams = normalize_cams(total)

@@ -122,9 +122,8 @@ def reference_training_step(model: ToCo, batch: dict, iteration: int) -> StepOut
     output = model.backbone(images, intermediate_blocks=(model.aux_block,))
     token_map = output.patch_map()
     aux_map = output.patch_map(output.intermediate[model.aux_block])
-    pooling = "max" if iteration >= config.max_pooling_iter else "avg"
-    logits = model.classifier.logits(token_map, pooling)
-    aux_logits = model.aux_classifier.logits(aux_map, pooling)
+    logits = model.classifier.logits(token_map, model.pooling(iteration))
+    aux_logits = model.aux_classifier.logits(aux_map, model.pooling(iteration))
     seg_logits = model.seg_head(token_map)
 
     # Teacher pass (autograd, then detached) and student passes of the global views.
@@ -158,20 +157,6 @@ def reference_training_step(model: ToCo, batch: dict, iteration: int) -> StepOut
     )
     seg = segmentation_loss(seg_logits, seg_labels)
 
-    contrast_on = iteration >= config.contrast_start_iter
-    terms = {
-        "cls": F.multilabel_soft_margin_loss(logits, image_labels),
-        "cls_aux": F.multilabel_soft_margin_loss(aux_logits, image_labels),
-        "ptc": ptc,
-        "ctc": ctc,
-        "seg": seg,
-    }
-    weights = {
-        "cls": 1.0,
-        "cls_aux": 1.0,
-        "ptc": config.ptc_weight if contrast_on else 0.0,
-        "ctc": config.ctc_weight if contrast_on else 0.0,
-        "seg": config.seg_weight if iteration >= config.seg_start_iter else 0.0,
-    }
-    total = sum(weights[name] * value for name, value in terms.items())
-    return StepOutput(total, terms, weights, seg_labels)
+    return model.combine_losses(
+        iteration, logits, aux_logits, image_labels, ptc, ctc, seg, seg_labels
+    )
