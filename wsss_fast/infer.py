@@ -27,6 +27,7 @@ from wsss_fast.data.folder import read_rgb_image
 from wsss_fast.data.palette import save_label_png
 from wsss_fast.methods import ToCo
 from wsss_fast.ops import dense_crf
+from wsss_fast.train import autocast_for, resolve_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -95,8 +96,7 @@ def segment_folder(
             )
             pixels = pixels.to(device)
             batch = model.normalization.normalize(pixels.float() / 255.0)
-            enabled = config.amp and device.type == "cuda"
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+            with autocast_for(config, device):
                 logits = model.multi_scale_segment(batch, scales)
             probabilities = logits.float().softmax(dim=1)
             if crf:
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {arguments.batch_size}")
         if arguments.scales is not None and min(arguments.scales) <= 0:
             raise ValueError(f"--scales must be positive, got {arguments.scales}")
-        device_name = arguments.device
-        if device_name == "auto":
-            device_name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device_name)
+        device = resolve_device(arguments.device)
         model, config = load_model(resolve_checkpoint(arguments.checkpoint), device)
         images = list_images(arguments.images)
         scales = tuple(arguments.scales) if arguments.scales else config.eval.seg_scales

@@ -232,17 +232,17 @@ def evaluate(
         images = batch["image"].to(device)
         masks = batch["mask"].to(device)
         labels = batch["label"].to(device)
-        with _autocast(config, device):
+        with autocast_for(config, device):
             cams = model.multi_scale_cams(images, evaluation.cam_scales)
             logits = model.multi_scale_segment(images, evaluation.seg_scales)
         cam_prediction = cams_to_prediction(cams.float(), labels, evaluation.cam_background)
         probabilities = logits.float().softmax(dim=1)
         seg_prediction = probabilities.argmax(dim=1)
-        uint8_images = torch.from_numpy(model.normalization.to_uint8_images(images)).permute(
-            0, 3, 1, 2
-        )
+        # The CRF's uint8 images, made on the device (no round trip through the host).
+        uint8_images = (model.normalization.denormalize(images.float()) * 255.0).round()
+        uint8_images = uint8_images.to(torch.uint8)
         refined = dense_crf(
-            uint8_images.to(device).contiguous(),
+            uint8_images,
             probabilities,
             gaussian=evaluation.crf_gaussian,
             bilateral=evaluation.crf_bilateral,
@@ -254,7 +254,7 @@ def evaluate(
         metrics["seg_crf"].update(crf_prediction, masks)
         room = evaluation.overlay_count - len(overlay_rows["images"])
         if overlay_path is not None and room > 0:
-            overlay_rows["images"].extend(uint8_images.permute(0, 2, 3, 1).numpy()[:room])
+            overlay_rows["images"].extend(uint8_images.permute(0, 2, 3, 1).cpu().numpy()[:room])
             overlay_rows["cams"].extend(
                 (cams * labels[:, :, None, None]).amax(1).cpu().numpy()[:room]
             )
@@ -279,7 +279,7 @@ def evaluate(
     return results
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def autocast_for(config: TrainConfig, device: torch.device):
     """bf16 autocast on CUDA when ``amp``; a no-op elsewhere."""
     enabled = config.amp and device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -301,17 +301,24 @@ class Distributed:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a torch device name; ValueError when
+    CUDA is asked for and missing."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return device
+
+
 def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     """Joins the torchrun process group when there is one; picks the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -461,7 +468,7 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
         # Every random draw of this step (crop centres, drop-path) from (seed, rank, iteration).
         torch.manual_seed(_mix_seed(config.seed, distributed.rank, iteration))
         batch = _to_device(batch, device)
-        with _autocast(config, device):
+        with autocast_for(config, device):
             step = network(batch, iteration)
         _check_finite(step.terms, step.total, iteration)
         optimizer.zero_grad(set_to_none=True)
