@@ -78,7 +78,7 @@ def test_toco_training_step(benchmark, path):
         output.total.backward()
         optimizer.step()
         scheduler.step()
-        model.update_teacher()
+        model.after_step()
         if on_cuda:
             torch.cuda.synchronize()
 

@@ -134,7 +134,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(
     dataset, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "nan"
-    original_loss = trainer.ToCo.training_step
+    original_loss = ToCo.training_step
 
     def poisoned(self, batch, iteration):
         step = original_loss(self, batch, iteration)

@@ -25,7 +25,7 @@ from wsss_fast.data.synthetic import SyntheticConfig
 from wsss_fast.data.transforms import TrainAugmentationConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ("toco",)
+METHODS = ("toco", "weaktr", "pixel_sup", "apc")
 DATASETS = ("synthetic", "voc", "coco")
 
 
@@ -126,21 +126,38 @@ class ToCoConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then poly decay (ToCo's PolyWarmupAdamW)."""
+    """The optimizer and its schedule; defaults are ToCo's PolyWarmupAdamW.
 
+    ``name`` is ``adamw`` or ``sgd`` (with ``momentum``). The schedule warms up
+    linearly from ``warmup_ratio * lr`` over ``warmup_iters``, then decays: ``poly``
+    as ``(1 - iteration / iters) ** poly_power``, or ``cosine`` from ``lr`` to
+    ``min_lr_ratio * lr`` over the iterations after the warm-up. Heads train at
+    ``head_lr_multiplier`` times the backbone's rate.
+    """
+
+    name: str = "adamw"
     lr: float = 6e-5
     head_lr_multiplier: float = 10.0
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    schedule: str = "poly"
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     poly_power: float = 0.9
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self):
+        if self.name not in ("adamw", "sgd"):
+            raise ValueError(f"optim.name must be adamw or sgd, got {self.name!r}")
+        if self.schedule not in ("poly", "cosine"):
+            raise ValueError(f"optim.schedule must be poly or cosine, got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_iters < 0:
             raise ValueError(f"optim.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from wsss_fast.checkpoint import load_checkpoint
 from wsss_fast.config import TrainConfig, build_config
 from wsss_fast.data.folder import read_rgb_image
 from wsss_fast.data.palette import save_label_png
-from wsss_fast.methods import ToCo
+from wsss_fast.methods import WSSSMethod, build_method
 from wsss_fast.ops import dense_crf
 from wsss_fast.train import autocast_for, resolve_device
 
@@ -45,15 +45,13 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_model(checkpoint_path: Path, device: torch.device) -> tuple[ToCo, TrainConfig]:
+def load_model(checkpoint_path: Path, device: torch.device) -> tuple[WSSSMethod, TrainConfig]:
     """The trained network of a checkpoint (in eval mode) and its run's config."""
     checkpoint = load_checkpoint(checkpoint_path)
     config = build_config([checkpoint["config"]])
     # The checkpoint holds every weight: no pretrained file or download is needed.
-    model_config = dataclasses.replace(config.model, pretrained=None)
-    model = ToCo(
-        model_config, config.toco, checkpoint["num_classes"], config.augmentation.crop_size
-    )
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=None))
+    model = build_method(config, checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), config
 
@@ -69,7 +67,7 @@ def list_images(folder: Path) -> list[Path]:
 
 @torch.no_grad()
 def segment_folder(
-    model: ToCo,
+    model: WSSSMethod,
     config: TrainConfig,
     images: list[Path],
     out_dir: Path,

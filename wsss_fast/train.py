@@ -39,6 +39,7 @@ from wsss_fast.checkpoint import atomic_torch_save, load_checkpoint
 from wsss_fast.config import (
     DATASETS,
     METHODS,
+    OptimConfig,
     TrainConfig,
     build_config,
     default_config_file,
@@ -56,7 +57,7 @@ from wsss_fast.data import (
     get_or_create_synthetic_dataset,
 )
 from wsss_fast.data.cache import atomic_write_text
-from wsss_fast.methods import ToCo
+from wsss_fast.methods import WSSSMethod, build_method
 from wsss_fast.methods.cam import cams_to_prediction
 from wsss_fast.metrics import SegmentationMetric
 from wsss_fast.ops import dense_crf
@@ -173,33 +174,39 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 # Model, optimizer, schedule -------------------------------------------------------------
 
 
-def build_model(config: TrainConfig, num_classes: int) -> ToCo:
-    """The method's network for ``num_classes`` foreground classes."""
-    return ToCo(config.model, config.toco, num_classes, config.augmentation.crop_size)
-
-
-def build_optimizer(config: TrainConfig, model: ToCo):
-    """AdamW (backbone at ``lr``, heads at ``lr * head_lr_multiplier``) and ToCo's
-    schedule: linear warm-up from ``warmup_ratio`` then poly decay to 0 at ``iters``."""
+def build_optimizer(config: TrainConfig, model: WSSSMethod):
+    """The optimizer ``config.optim`` names (backbone at ``lr``, heads at
+    ``lr * head_lr_multiplier``) and its schedule over ``config.iters`` (see
+    ``OptimConfig``)."""
     optim = config.optim
     backbone, heads = model.parameter_groups()
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": backbone, "lr": optim.lr},
-            {"params": heads, "lr": optim.lr * optim.head_lr_multiplier},
-        ],
-        lr=optim.lr,
-        betas=optim.betas,
-        weight_decay=optim.weight_decay,
+    groups = [
+        {"params": backbone, "lr": optim.lr},
+        {"params": heads, "lr": optim.lr * optim.head_lr_multiplier},
+    ]
+    if optim.name == "sgd":
+        optimizer = torch.optim.SGD(
+            groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule_factor(optim, step, config.iters)
     )
 
-    def factor(step: int) -> float:
-        if step < optim.warmup_iters:
-            return 1 - (1 - step / optim.warmup_iters) * (1 - optim.warmup_ratio)
-        return max(0.0, 1 - step / config.iters) ** optim.poly_power
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return optimizer, scheduler
+def schedule_factor(optim: OptimConfig, step: int, iters: int) -> float:
+    """The learning-rate multiplier at ``step`` of ``iters``: linear warm-up from
+    ``warmup_ratio``, then poly or cosine decay."""
+    if step < optim.warmup_iters:
+        return 1 - (1 - step / optim.warmup_iters) * (1 - optim.warmup_ratio)
+    if optim.schedule == "cosine":
+        progress = min(1.0, (step - optim.warmup_iters) / max(1, iters - optim.warmup_iters))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+    return max(0.0, 1 - step / iters) ** optim.poly_power
 
 
 # Evaluation -----------------------------------------------------------------------------
@@ -207,7 +214,7 @@ def build_optimizer(config: TrainConfig, model: ToCo):
 
 @torch.no_grad()
 def evaluate(
-    model: ToCo,
+    model: WSSSMethod,
     loader: DataLoader,
     config: TrainConfig,
     device: torch.device,
@@ -379,7 +386,7 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
         raise ValueError(f"the val split {config.data.val_split!r} has no masks to score against")
     num_classes = train_split.num_foreground_classes
 
-    model = build_model(config, num_classes).to(device)
+    model = build_method(config, num_classes).to(device)
     train_split_transform = TrainTransform(
         config.augmentation, model.normalization, model.backbone.patch_size
     )
@@ -475,7 +482,7 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
         step.total.backward()
         optimizer.step()
         scheduler.step()
-        model.update_teacher()
+        model.after_step()
         iteration += 1
 
         for name, value in step.terms.items():

@@ -17,7 +17,6 @@ Fixed here, against the reference code:
 """
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from torch import nn
 from wsss_fast.config import ModelConfig, ToCoConfig
 from wsss_fast.data.palette import IGNORE_INDEX
 from wsss_fast.data.transforms import Normalization, multi_scale_flip_inference
+from wsss_fast.methods.base import StepOutput, WSSSMethod
 from wsss_fast.methods.cam import (
     box_mask,
     cams_to_labels,
@@ -40,18 +40,7 @@ from wsss_fast.models.heads import LargeFOVHead, ProjectionHead, TokenClassifier
 from wsss_fast.ops import token_contrast_loss
 
 
-@dataclass
-class StepOutput:
-    """A training step's result: the weighted total, each term (unweighted, detached
-    for logging, with its weight) and the pseudo-labels made on the way."""
-
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    weights: dict[str, float]
-    seg_labels: torch.Tensor
-
-
-class ToCo(nn.Module):
+class ToCo(WSSSMethod):
     """ToCo's network and training losses.
 
     Args:
@@ -114,7 +103,7 @@ class ToCo(nn.Module):
         return backbone, heads
 
     @torch.no_grad()
-    def update_teacher(self) -> None:
+    def after_step(self) -> None:
         """EMA of the student head into the teacher head (after each optimizer step)."""
         momentum = self.config.teacher_momentum
         for teacher, student in zip(
@@ -175,10 +164,6 @@ class ToCo(nn.Module):
         )
 
     # Training --------------------------------------------------------------------------
-
-    def forward(self, batch: dict[str, torch.Tensor], iteration: int) -> "StepOutput":
-        """The training step; ``forward`` so that DDP's wrapper runs it."""
-        return self.training_step(batch, iteration)
 
     def training_step(self, batch: dict[str, torch.Tensor], iteration: int) -> StepOutput:
         """ToCo's losses on one batch.
