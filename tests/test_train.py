@@ -63,9 +63,10 @@ def run(dataset, out, iters, *extra):
 
 def test_a_short_run_writes_the_run_directory(dataset, tmp_path):
     out = tmp_path / "run"
-    assert run(dataset, out, 3) == 0
+    assert run(dataset, out, 3, "eval.seg_scales=[1.0,0.5]") == 0
     final = json.loads((out / "final_metrics.json").read_text())
-    for key in ("cam_miou", "seg_miou", "seg_crf_miou"):
+    # Several seg scales: the single-scale score is reported beside the multi-scale one.
+    for key in ("cam_miou", "seg_miou", "seg_crf_miou", "seg_single_scale_miou"):
         assert 0.0 <= final[key] <= 100.0
     assert final["iterations"] == 3
     config = build_config([load_yaml(out / "config.yaml")])

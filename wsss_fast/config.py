@@ -125,6 +125,250 @@ class ToCoConfig:
 
 
 @dataclass
+class APCConfig:
+    """APC's numbers (methods.md, section 4); defaults are the VOC recipe.
+
+    methods.md gives the pooling's gamma and K_max, the confidence threshold and the
+    margin; it gives no loss weights, equivariance transform or segmentation schedule:
+    those are our choices (see ``wsss_fast.methods.apc``).
+    """
+
+    # Adaptive-K pooling: K = clamp(#{s >= gamma * max s}, 1, pooling_k_max_ratio * N).
+    pooling_gamma: float = 0.5
+    pooling_k_max_ratio: float = 0.25
+    # Patches whose (present-class) probability reaches this are pseudo-labelled: PCL's
+    # token labels, and the segmentation labels after PAR; the rest are ignored.
+    confidence_threshold: float = 0.7
+    pcl_margin: float = 0.0
+    # Loss weights; the segmentation term is off before ``seg_start_iter``.
+    bce_weight: float = 1.0
+    pcl_weight: float = 0.2
+    equivariance_weight: float = 0.1
+    seg_weight: float = 0.1
+    seg_start_iter: int = 2000
+    # The equivariance view: a random zoom (> 1 zooms in) with a random shift, flipped
+    # horizontally with ``equivariance_flip_probability``.
+    equivariance_scale_range: tuple[float, float] = (0.75, 1.5)
+    equivariance_flip_probability: float = 0.5
+    # The segmenter: "seg_head" (a LargeFOV head trained on PAR-refined patch labels) or
+    # "patch_classifier" (the patch softmax itself; no head, no PAR, no segmentation term).
+    segmenter: str = "seg_head"
+    # Pixel-adaptive refinement (PAR) of the segmentation pseudo-labels (ToCo's values).
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iterations: int = 10
+    par_color_temperature: float = 0.3
+    par_position_weight: float = 0.01
+    par_downscale: int = 2
+
+    def __post_init__(self):
+        if self.pooling_gamma < 0:
+            raise ValueError(f"apc.pooling_gamma must be >= 0, got {self.pooling_gamma}")
+        if not 0 < self.pooling_k_max_ratio <= 1:
+            raise ValueError(
+                f"apc.pooling_k_max_ratio must be in (0, 1], got {self.pooling_k_max_ratio}"
+            )
+        if not 0 <= self.confidence_threshold <= 1:
+            raise ValueError(
+                f"apc.confidence_threshold must be in [0, 1], got {self.confidence_threshold}"
+            )
+        for name in ("bce_weight", "pcl_weight", "equivariance_weight", "seg_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"apc.{name} must be >= 0, got {getattr(self, name)}")
+        if self.seg_start_iter < 0:
+            raise ValueError(f"apc.seg_start_iter must be >= 0, got {self.seg_start_iter}")
+        low, high = self.equivariance_scale_range
+        if not 0 < low <= high:
+            raise ValueError(
+                "apc.equivariance_scale_range must satisfy 0 < low <= high, got "
+                f"{self.equivariance_scale_range}"
+            )
+        if not 0 <= self.equivariance_flip_probability <= 1:
+            raise ValueError(
+                "apc.equivariance_flip_probability must be in [0, 1], got "
+                f"{self.equivariance_flip_probability}"
+            )
+        if self.segmenter not in ("seg_head", "patch_classifier"):
+            raise ValueError(
+                f"apc.segmenter must be seg_head or patch_classifier, got {self.segmenter!r}"
+            )
+        if self.par_downscale < 1 or self.par_iterations < 0 or not self.par_dilations:
+            raise ValueError(
+                "apc.par_downscale must be >= 1, apc.par_iterations >= 0 and "
+                "apc.par_dilations non-empty"
+            )
+
+
+@dataclass
+class PixelSupConfig:
+    """Pixel-level self-supervision's numbers (methods.md, section 3: our ViT adaptation
+    of Yoon et al. 2021, which has no public code). Defaults: the VOC recipe. The numbers
+    methods.md gives are its; the loss weights, start iterations, projection width and
+    pooling are ours (methods.md gives none); the pseudo-label thresholds and PAR are
+    ToCo's."""
+
+    # SupportNet, the EMA of MainNet.
+    support_momentum: float = 0.999
+    # SupportNet CAM scales, max-fused: the MAM target, the RCM masks, the pseudo-labels.
+    cam_scales: tuple[float, ...] = (0.5, 1.0, 1.5)
+    # RCM: class region masks from the fused CAM, InfoNCE against the batch's prototypes.
+    foreground_threshold: float = 0.5
+    background_threshold: float = 0.2
+    contrast_temperature: float = 0.1
+    projection_dim: int = 256  # ours: the 1x1 projection of the tokens the RCM contrasts
+    pooling: str = "max"  # ours: the classifier's global pooling ("max" as ToCo, or "avg")
+    # Loss weights (ours); RCM and MAM are off before ``self_supervision_start_iter``,
+    # segmentation before ``seg_start_iter`` (the CAMs must mean something first).
+    rcm_weight: float = 0.1
+    mam_weight: float = 0.1  # 1.0 made the CAMs cover whole images on synthetic data
+    self_supervision_start_iter: int = 2000
+    seg_weight: float = 0.1
+    seg_start_iter: int = 2000
+    # Segmentation pseudo-labels as ToCo's: PAR-refined fused CAM, high/low background.
+    high_threshold: float = 0.7
+    low_threshold: float = 0.25
+    par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    par_iterations: int = 10
+    par_color_temperature: float = 0.3
+    par_position_weight: float = 0.01
+    par_downscale: int = 2
+
+    def __post_init__(self):
+        if not 0 <= self.support_momentum < 1:
+            raise ValueError(
+                f"pixel_sup.support_momentum must be in [0, 1), got {self.support_momentum}"
+            )
+        if not self.cam_scales or min(self.cam_scales) <= 0 or 1.0 not in self.cam_scales:
+            raise ValueError(
+                f"pixel_sup.cam_scales must be positive and include 1.0, got {self.cam_scales}"
+            )
+        if not 0 <= self.background_threshold <= self.foreground_threshold <= 1:
+            raise ValueError(
+                "pixel_sup thresholds must satisfy 0 <= background_threshold <= "
+                f"foreground_threshold <= 1, got {self.background_threshold}, "
+                f"{self.foreground_threshold}"
+            )
+        if not 0 <= self.low_threshold < self.high_threshold <= 1:
+            raise ValueError(
+                "pixel_sup thresholds must satisfy 0 <= low_threshold < high_threshold <= 1, "
+                f"got {self.low_threshold}, {self.high_threshold}"
+            )
+        if self.contrast_temperature <= 0:
+            raise ValueError(
+                f"pixel_sup.contrast_temperature must be > 0, got {self.contrast_temperature}"
+            )
+        if self.projection_dim < 1:
+            raise ValueError(f"pixel_sup.projection_dim must be >= 1, got {self.projection_dim}")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pixel_sup.pooling must be 'max' or 'avg', got {self.pooling!r}")
+
+
+@dataclass
+class WeakTrSegmentationConfig:
+    """WeakTr's step 2 (methods.md, section 2): the segmenter retrained on the step-1
+    pseudo-masks, with its own schedule, batch, crops and evaluation. Defaults: the VOC
+    recipe; ``iters`` and the decoder's width and dropout are not in methods.md (ours:
+    20k iterations as ToCo's VOC run; Segmenter's decoder, width = the encoder's, 64-wide
+    heads, dropout 0.1, drop-path 0.1)."""
+
+    iters: int = 20000
+    batch_size: int = 4
+    drop_path_rate: float = 0.1
+    decoder_depth: int = 2
+    decoder_head_dim: int = 64
+    decoder_mlp_ratio: float = 4.0
+    decoder_dropout: float = 0.1
+    # Gradient clipping: no clipping while the batch-mean loss is above ``clip_threshold``,
+    # else every pixel's loss is capped at the mean of its ``clip_window`` square window
+    # (the windows tile the crop), floored at the batch mean.
+    clip_threshold: float = 1.2
+    clip_window: int = 120
+    augmentation: TrainAugmentationConfig = field(
+        default_factory=lambda: TrainAugmentationConfig(crop_size=480)
+    )
+    # SGD, momentum 0.9, lr 1e-4 poly for the decoder, x0.1 for the encoder.
+    optim: "OptimConfig" = field(
+        default_factory=lambda: OptimConfig(
+            name="sgd",
+            lr=1e-5,
+            head_lr_multiplier=10.0,
+            weight_decay=0.0,
+            momentum=0.9,
+            schedule="poly",
+            warmup_iters=0,
+        )
+    )
+    # Multi-scale 0.5-1.75 + flips, then the CRF (crf.md's WeakTr set).
+    eval: "EvalConfig" = field(
+        default_factory=lambda: EvalConfig(
+            seg_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+            crf_gaussian=(3.0, 3.0),
+            crf_bilateral=(83.0, 5.0, 3.0),
+        )
+    )
+
+    def __post_init__(self):
+        for name in ("iters", "batch_size", "decoder_head_dim", "clip_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"weaktr.seg.{name} must be >= 1, got {getattr(self, name)}")
+        if self.decoder_depth < 0:
+            raise ValueError(f"weaktr.seg.decoder_depth must be >= 0, got {self.decoder_depth}")
+        if self.clip_threshold < 0:
+            raise ValueError(f"weaktr.seg.clip_threshold must be >= 0, got {self.clip_threshold}")
+
+
+@dataclass
+class WeakTrConfig:
+    """WeakTr's numbers (methods.md, section 2); defaults are the VOC recipe.
+
+    The top-level run settings (``iters``, ``batch_size``, ``optim``, ``augmentation``,
+    ``eval``) are step 1's, the CAM network; ``seg`` holds step 2's. ``step`` says which
+    network ``build_method`` makes: the trainer sets it per step. The fusion's reductions
+    (64 -> 8 -> 1 per head feature) and the label CRF's gt_prob (0.7, as IRN/AFA) are
+    not in methods.md: the reference code's values.
+    """
+
+    step: str = "cam"
+    class_token_loss_weight: float = 1.0
+    coarse_cam_loss_weight: float = 1.0
+    fine_cam_loss_weight: float = 1.0
+    # Adaptive attention fusion: token pooling, per-head feature MLP reduction, SE reduction.
+    fusion_pooling: str = "max"
+    fusion_feature_reduction: int = 8
+    fusion_reduction: int = 8
+    # Pseudo-masks after step 1: scales (+ flips) summed, masked, min-max, constant
+    # background, argmax, then the CRF from labels.
+    pseudo_label_scales: tuple[float, ...] = (1.0, 1.2)
+    background_threshold: float = 0.43
+    crf_gt_prob: float = 0.7
+    crf_gaussian: tuple[float, float] = (3.0, 3.0)
+    crf_bilateral: tuple[float, float, float] = (83.0, 5.0, 3.0)
+    crf_iterations: int = 10
+    seg: WeakTrSegmentationConfig = field(default_factory=WeakTrSegmentationConfig)
+
+    def __post_init__(self):
+        if self.step not in ("cam", "seg"):
+            raise ValueError(f"weaktr.step must be 'cam' or 'seg', got {self.step!r}")
+        if self.fusion_pooling not in ("max", "avg"):
+            raise ValueError(
+                f"weaktr.fusion_pooling must be 'max' or 'avg', got {self.fusion_pooling!r}"
+            )
+        if self.fusion_feature_reduction < 1 or self.fusion_reduction < 1:
+            raise ValueError("weaktr.fusion_feature_reduction and fusion_reduction must be >= 1")
+        if not self.pseudo_label_scales or min(self.pseudo_label_scales) <= 0:
+            raise ValueError(
+                f"weaktr.pseudo_label_scales must be positive, got {self.pseudo_label_scales}"
+            )
+        if not 0 <= self.background_threshold <= 1:
+            raise ValueError(
+                f"weaktr.background_threshold must be in [0, 1], got {self.background_threshold}"
+            )
+        if not 0 < self.crf_gt_prob < 1:
+            raise ValueError(f"weaktr.crf_gt_prob must be in (0, 1), got {self.crf_gt_prob}")
+        if self.crf_iterations < 0:
+            raise ValueError(f"weaktr.crf_iterations must be >= 0, got {self.crf_iterations}")
+
+
+@dataclass
 class OptimConfig:
     """The optimizer and its schedule; defaults are ToCo's PolyWarmupAdamW.
 
@@ -205,6 +449,9 @@ class TrainConfig:
     )
     optim: OptimConfig = field(default_factory=OptimConfig)
     toco: ToCoConfig = field(default_factory=ToCoConfig)
+    pixel_sup: PixelSupConfig = field(default_factory=PixelSupConfig)
+    apc: APCConfig = field(default_factory=APCConfig)
+    weaktr: WeakTrConfig = field(default_factory=WeakTrConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

@@ -13,6 +13,13 @@ scheduler, EMA heads and the position in the data are restored, and every random
 of iteration i comes from generators seeded by (seed, rank, i), so an interrupted and
 resumed run makes the same draws as an uninterrupted one.
 
+A method trained in steps (WeakTr: a CAM network, then a segmenter on its
+pseudo-masks) declares them through its ``BUILDERS`` entry (``stages``); each step is a
+full run of its own in ``<run>/<step>/`` (config, metrics, checkpoints, overlays), the
+pseudo-masks go to ``<run>/pseudo_labels/``, and ``<run>/final_metrics.json`` takes each
+score from the step that gives it. ``--stage NAME`` runs one step; ``--resume`` continues
+whichever step was interrupted (finished steps are skipped, written masks kept).
+
 Multi-GPU and multi-node: ``torchrun --nproc_per_node N -m wsss_fast.train ...`` (NCCL on
 GPUs, gloo on CPUs); ``batch_size`` is per process.
 """
@@ -23,7 +30,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -55,9 +62,12 @@ from wsss_fast.data import (
     TrainTransform,
     VOCSegmentation,
     get_or_create_synthetic_dataset,
+    read_label_png,
+    save_label_png,
 )
 from wsss_fast.data.cache import atomic_write_text
-from wsss_fast.methods import WSSSMethod, build_method
+from wsss_fast.methods import BUILDERS, WSSSMethod, build_method
+from wsss_fast.methods.base import TrainingStage
 from wsss_fast.methods.cam import cams_to_prediction
 from wsss_fast.metrics import SegmentationMetric
 from wsss_fast.ops import dense_crf
@@ -94,13 +104,22 @@ def open_split(config: TrainConfig, split: str, transform) -> SegmentationFolder
 class AugmentedSamples(Dataset):
     """Sample key k -> image k mod n of ``dataset``, augmented by a generator seeded with
     (seed, k): a sample's augmentation depends on nothing else (not on workers, not on
-    what was loaded before), which makes resumed runs exact. Masks are dropped: the
-    methods train from image-level labels only."""
+    what was loaded before), which makes resumed runs exact. The dataset's masks are
+    dropped (the methods train from image-level labels); with ``mask_dir`` the sample's
+    ``mask`` is ``<mask_dir>/<name>.png`` (a previous stage's pseudo-mask), augmented
+    together with the image."""
 
-    def __init__(self, dataset: SegmentationFolder, transform: TrainTransform, seed: int):
+    def __init__(
+        self,
+        dataset: SegmentationFolder,
+        transform: TrainTransform,
+        seed: int,
+        mask_dir: Path | None = None,
+    ):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        self.mask_dir = mask_dir
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -108,8 +127,11 @@ class AugmentedSamples(Dataset):
     def __getitem__(self, key: int) -> dict:
         raw = self.dataset[key % len(self.dataset)]
         image, _mask = raw["arrays"]
+        mask = None
+        if self.mask_dir is not None:
+            mask = read_label_png(self.mask_dir / f"{raw['name']}.png")
         generator = torch.Generator().manual_seed(_mix_seed(self.seed, 0x5A17, key))
-        sample = self.transform(image, None, generator)
+        sample = self.transform(image, mask, generator)
         sample["label"] = raw["label"]
         return sample
 
@@ -212,6 +234,12 @@ def schedule_factor(optim: OptimConfig, step: int, iters: int) -> float:
 # Evaluation -----------------------------------------------------------------------------
 
 
+def model_outputs(model: WSSSMethod) -> tuple[str, ...]:
+    """What a method's network gives: ``cams`` and/or ``segmentation`` (its ``outputs``
+    attribute; both by default). A stage of a multi-step method may give only one."""
+    return tuple(getattr(model, "outputs", ("cams", "segmentation")))
+
+
 @torch.no_grad()
 def evaluate(
     model: WSSSMethod,
@@ -221,52 +249,72 @@ def evaluate(
     overlay_path: Path | None,
     show_progress: bool,
 ) -> dict:
-    """CAM, segmentation and segmentation + CRF mIoU (percent) on the val split.
+    """CAM, segmentation and segmentation + CRF mIoU (percent) on the val split, of what
+    the network gives (``model_outputs``): ``cam_*`` keys for CAMs, ``seg_*`` and
+    ``seg_crf_*`` for a segmentation at ``eval.seg_scales``, and, when those are several
+    scales, ``seg_single_scale_*`` (scale 1 + flip, no CRF) as well: the protocol
+    reports both.
 
     CAMs are masked by the true image labels (the protocol for CAM quality); the
     segmentation never sees labels. Writes the overlay grid of the first
-    ``eval.overlay_count`` images to ``overlay_path`` when given.
+    ``eval.overlay_count`` images to ``overlay_path`` when given (panels a network does
+    not give show the other one's prediction).
     """
     num_classes = model.num_classes + 1
-    metrics = {
-        name: SegmentationMetric(num_classes, device=device) for name in ("cam", "seg", "seg_crf")
-    }
+    outputs = model_outputs(model)
+    evaluation = config.eval
+    single_scale = tuple(evaluation.seg_scales) != (1.0,)
+    names = (("cam",) if "cams" in outputs else ()) + (
+        ("seg", "seg_crf", *(("seg_single_scale",) if single_scale else ()))
+        if "segmentation" in outputs
+        else ()
+    )
+    metrics = {name: SegmentationMetric(num_classes, device=device) for name in names}
     overlay_rows: dict[str, list] = {key: [] for key in ("images", "cams", "pseudo", "pred", "gt")}
     was_training = model.training
     model.eval()
-    evaluation = config.eval
     for batch in tqdm(loader, desc="evaluate", leave=False, disable=not show_progress):
         images = batch["image"].to(device)
         masks = batch["mask"].to(device)
         labels = batch["label"].to(device)
-        with autocast_for(config, device):
-            cams = model.multi_scale_cams(images, evaluation.cam_scales)
-            logits = model.multi_scale_segment(images, evaluation.seg_scales)
-        cam_prediction = cams_to_prediction(cams.float(), labels, evaluation.cam_background)
-        probabilities = logits.float().softmax(dim=1)
-        seg_prediction = probabilities.argmax(dim=1)
         # The CRF's uint8 images, made on the device (no round trip through the host).
         uint8_images = (model.normalization.denormalize(images.float()) * 255.0).round()
         uint8_images = uint8_images.to(torch.uint8)
-        refined = dense_crf(
-            uint8_images,
-            probabilities,
-            gaussian=evaluation.crf_gaussian,
-            bilateral=evaluation.crf_bilateral,
-            iterations=evaluation.crf_iterations,
-        )
-        crf_prediction = refined.argmax(dim=1)
-        metrics["cam"].update(cam_prediction, masks)
-        metrics["seg"].update(seg_prediction, masks)
-        metrics["seg_crf"].update(crf_prediction, masks)
+        predictions = {}
+        if "cam" in metrics:
+            with autocast_for(config, device):
+                cams = model.multi_scale_cams(images, evaluation.cam_scales).float()
+            predictions["cam"] = cams_to_prediction(cams, labels, evaluation.cam_background)
+            cam_heat = (cams * labels[:, :, None, None]).amax(1)
+        if "seg" in metrics:
+            with autocast_for(config, device):
+                logits = model.multi_scale_segment(images, evaluation.seg_scales)
+            probabilities = logits.float().softmax(dim=1)
+            predictions["seg"] = probabilities.argmax(dim=1)
+            refined = dense_crf(
+                uint8_images,
+                probabilities,
+                gaussian=evaluation.crf_gaussian,
+                bilateral=evaluation.crf_bilateral,
+                iterations=evaluation.crf_iterations,
+            )
+            predictions["seg_crf"] = refined.argmax(dim=1)
+            if single_scale:
+                with autocast_for(config, device):
+                    single = model.multi_scale_segment(images, (1.0,))
+                predictions["seg_single_scale"] = single.argmax(dim=1)
+            if "cam" not in metrics:
+                cam_heat = probabilities[:, 1:].amax(1)
+        for name, prediction in predictions.items():
+            metrics[name].update(prediction, masks)
         room = evaluation.overlay_count - len(overlay_rows["images"])
         if overlay_path is not None and room > 0:
+            pseudo = predictions.get("cam", predictions.get("seg"))
+            final = predictions.get("seg_crf", pseudo)
             overlay_rows["images"].extend(uint8_images.permute(0, 2, 3, 1).cpu().numpy()[:room])
-            overlay_rows["cams"].extend(
-                (cams * labels[:, :, None, None]).amax(1).cpu().numpy()[:room]
-            )
-            overlay_rows["pseudo"].extend(cam_prediction.cpu().numpy()[:room])
-            overlay_rows["pred"].extend(crf_prediction.cpu().numpy()[:room])
+            overlay_rows["cams"].extend(cam_heat.cpu().numpy()[:room])
+            overlay_rows["pseudo"].extend(pseudo.cpu().numpy()[:room])
+            overlay_rows["pred"].extend(final.cpu().numpy()[:room])
             overlay_rows["gt"].extend(masks.cpu().numpy()[:room])
     model.train(was_training)
     results = {}
@@ -370,8 +418,185 @@ def _check_finite(terms: dict[str, torch.Tensor], total: torch.Tensor, iteration
     )
 
 
-def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -> dict:
-    """Trains ``config`` into ``run_dir``; returns the final metrics."""
+def method_stages(config: TrainConfig) -> list[TrainingStage] | None:
+    """The steps of a method trained in several steps (its ``BUILDERS`` entry's
+    ``stages(config)``), None for a single-stage method."""
+    declare = getattr(BUILDERS.get(config.method), "stages", None)
+    return None if declare is None else declare(config)
+
+
+def train(
+    config: TrainConfig, run_dir: Path, resume_from: Path | None = None, stage: str = "all"
+) -> dict:
+    """Trains ``config`` into ``run_dir``; returns the final metrics.
+
+    A single-stage method is one run (``resume_from``: its checkpoint). A multi-step
+    method runs its stages in order, each into ``run_dir/<stage>``; a stage already
+    finished is skipped, an interrupted one resumed from its latest checkpoint, so the
+    same call continues an interrupted run (``resume_from`` is unused). ``stage`` names
+    the one stage to run, or ``all``.
+    """
+    stages = method_stages(config)
+    if stages is None:
+        if stage != "all":
+            raise ValueError(f"{config.method} has a single stage; --stage must be 'all'")
+        final, _ = _train_run(config, run_dir, resume_from)
+        return final
+    return _train_stages(config, stages, run_dir, stage)
+
+
+def _train_stages(
+    config: TrainConfig, stages: list[TrainingStage], run_dir: Path, only: str
+) -> dict:
+    """Runs ``stages`` (see ``train``); writes the merged ``final_metrics.json`` once
+    every stage has finished."""
+    names = [stage.name for stage in stages]
+    if only != "all" and only not in names:
+        raise ValueError(f"--stage must be 'all' or one of {names}, got {only!r}")
+    distributed, device = setup_distributed(config.device)
+    show = distributed.is_main
+    if show:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", save_yaml(config))
+    results: dict[str, dict] = {}
+    pseudo_mask_seconds = 0.0
+    for position, stage in enumerate(stages):
+        stage_dir = run_dir / stage.name
+        finished = stage_dir / "final_metrics.json"
+        model = None
+        if only in ("all", stage.name) and not finished.is_file():
+            checkpoint = stage_dir / "checkpoints" / "latest.pt"
+            mask_dir = None if stage.reads_masks is None else run_dir / stage.reads_masks
+            results[stage.name], model = _train_run(
+                stage.config,
+                stage_dir,
+                checkpoint if checkpoint.is_file() else None,
+                mask_dir,
+            )
+        elif finished.is_file():
+            results[stage.name] = json.loads(finished.read_text())
+        later_selected = only == "all" or only in names[position:]
+        if stage.writes_masks and stage.name in results and later_selected:
+            started = time.perf_counter()
+            write_pseudo_masks(
+                stage, stage_dir, run_dir / stage.writes_masks, model, device, distributed
+            )
+            pseudo_mask_seconds += time.perf_counter() - started
+    if len(results) < len(stages):
+        return {"stages": results}
+    final = _merge_stage_results(results, pseudo_mask_seconds)
+    if show:
+        atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
+        print(_summary_table(final, run_dir))
+    return final
+
+
+def _merge_stage_results(results: dict[str, dict], pseudo_mask_seconds: float) -> dict:
+    """One final record from the stages': each metric from the stage that gives it."""
+    final: dict = {}
+    per_class: dict = {}
+    for result in results.values():
+        for key in _SCORE_LABELS:
+            if key in result:
+                final[key] = result[key]
+        per_class.update(result["per_class_iou"])
+    any_result = next(iter(results.values()))
+    final.update(
+        {
+            "iterations": {name: result["iterations"] for name, result in results.items()},
+            "train_seconds": sum(result["train_seconds"] for result in results.values()),
+            "pseudo_mask_seconds": pseudo_mask_seconds,
+            "per_class_iou": per_class,
+            "class_names": any_result["class_names"],
+            "device": any_result["device"],
+            "world_size": any_result["world_size"],
+        }
+    )
+    return final
+
+
+@torch.no_grad()
+def write_pseudo_masks(
+    stage: TrainingStage,
+    stage_dir: Path,
+    out_dir: Path,
+    model: WSSSMethod | None,
+    device: torch.device,
+    distributed: Distributed,
+) -> int:
+    """Writes ``model.pseudo_masks`` of every train-split image without one yet as
+    ``out_dir/<name>.png`` (atomically: a crash leaves no broken file; a rerun skips
+    what exists). Images of equal size are batched (``eval.batch_size``); each process
+    writes its share. ``model`` None: the stage's final checkpoint is loaded if any
+    mask is missing. Returns the number written by this process."""
+    config = stage.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = open_split(config, config.data.train_split, None)
+    missing = [i for i, name in enumerate(split.names) if not (out_dir / f"{name}.png").is_file()]
+    share = missing[distributed.rank :: distributed.world_size]
+    if share:
+        if model is None:
+            model = _load_trained(config, stage_dir, split.num_foreground_classes, device)
+        split.transform = EvalTransform(model.normalization)
+        _write_masks(model, config, split, share, out_dir, device, distributed.is_main)
+    if dist.is_initialized():
+        dist.barrier()
+    return len(share)
+
+
+def _load_trained(config: TrainConfig, stage_dir: Path, num_classes: int, device) -> WSSSMethod:
+    """The network of a finished stage, from its latest checkpoint."""
+    checkpoint = load_checkpoint(stage_dir, map_location="cpu")
+    model = build_method(replace(config, model=replace(config.model, pretrained=None)), num_classes)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device)
+
+
+def _write_masks(model, config, split, indices, out_dir: Path, device, show: bool) -> None:
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        torch.utils.data.Subset(split, indices),
+        batch_size=None,
+        num_workers=config.data.num_workers,
+    )
+    progress = tqdm(total=len(indices), desc="pseudo-masks", unit="image", disable=not show)
+    pending: list[dict] = []
+
+    def flush() -> None:
+        images = torch.stack([sample["image"] for sample in pending]).to(device)
+        labels = torch.stack([sample["label"] for sample in pending]).to(device)
+        with autocast_for(config, device):
+            masks = model.pseudo_masks(images, labels)
+        for sample, mask in zip(pending, masks.to(torch.uint8).cpu().numpy(), strict=True):
+            path = out_dir / f"{sample['name']}.png"
+            temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+            save_label_png(temporary, mask)
+            os.replace(temporary, path)
+        progress.update(len(pending))
+        pending.clear()
+
+    for sample in loader:
+        if pending and (
+            len(pending) == config.eval.batch_size
+            or sample["image"].shape != pending[0]["image"].shape
+        ):
+            flush()
+        pending.append(sample)
+    if pending:
+        flush()
+    progress.close()
+    model.train(was_training)
+
+
+def _train_run(
+    config: TrainConfig,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    mask_dir: Path | None = None,
+) -> tuple[dict, WSSSMethod]:
+    """Trains ``config`` into ``run_dir`` (training masks from ``mask_dir`` when given);
+    returns the final metrics and the trained network."""
     distributed, device = setup_distributed(config.device)
     show = distributed.is_main
     torch.manual_seed(config.seed)
@@ -402,7 +627,14 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    samples = AugmentedSamples(train_split, train_split_transform, config.seed)
+    if mask_dir is not None:
+        missing = [name for name in train_split.names if not (mask_dir / f"{name}.png").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} training mask(s) missing in {mask_dir} (e.g. {missing[0]}.png): "
+                "run the stage that writes them first"
+            )
+    samples = AugmentedSamples(train_split, train_split_transform, config.seed, mask_dir)
     sampler = IterationSampler(
         len(samples),
         config.batch_size,
@@ -508,14 +740,18 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
             running, running_count, last_log = {}, 0, now
         if iteration % config.eval.interval == 0 or iteration == config.iters:
             results = run_evaluation(iteration)
-            if results["seg_miou"] > best_seg_miou:
-                best_seg_miou = results["seg_miou"]
+            # The best checkpoint by segmentation, or by CAMs for a network without one.
+            score = results.get("seg_miou", results.get("cam_miou"))
+            if score > best_seg_miou:
+                best_seg_miou = score
                 save("best.pt", iteration)
             if show:
-                progress.write(
-                    f"iteration {iteration}: cam mIoU {results['cam_miou']:.2f}, seg mIoU "
-                    f"{results['seg_miou']:.2f}, seg+CRF mIoU {results['seg_crf_miou']:.2f}"
+                scores = ", ".join(
+                    f"{label} {results[key]:.2f}"
+                    for key, label in _SCORE_LABELS.items()
+                    if key in results
                 )
+                progress.write(f"iteration {iteration}: {scores}")
         if iteration % config.checkpoint_interval == 0 or iteration == config.iters:
             save("latest.pt", iteration)
     progress.close()
@@ -523,15 +759,13 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
     if not results:  # resumed at the end: score the final weights
         results = run_evaluation(iteration)
     final = {
-        "cam_miou": results["cam_miou"],
-        "seg_miou": results["seg_miou"],
-        "seg_crf_miou": results["seg_crf_miou"],
+        **{key: results[key] for key in _SCORE_LABELS if key in results},
         "iterations": iteration,
         "train_seconds": elapsed,
         "per_class_iou": {
-            "cam": results["cam_per_class_iou"],
-            "seg": results["seg_per_class_iou"],
-            "seg_crf": results["seg_crf_per_class_iou"],
+            key.removesuffix("_per_class_iou"): value
+            for key, value in results.items()
+            if key.endswith("_per_class_iou")
         },
         "class_names": list(train_split.class_names),
         "device": str(device),
@@ -540,15 +774,27 @@ def train(config: TrainConfig, run_dir: Path, resume_from: Path | None = None) -
     if show:
         atomic_write_text(run_dir / "final_metrics.json", json.dumps(final, indent=2) + "\n")
         print(_summary_table(final, run_dir))
-    return final
+    return final, model
+
+
+_SCORE_LABELS = {
+    "cam_miou": "cam mIoU",
+    "seg_miou": "seg mIoU",
+    "seg_crf_miou": "seg+CRF mIoU",
+    "seg_single_scale_miou": "seg one-scale mIoU",
+}
+_TABLE_LABELS = {
+    "cam_miou": "CAM mIoU (val, true labels)",
+    "seg_miou": "segmentation mIoU (val)",
+    "seg_crf_miou": "segmentation + CRF mIoU (val)",
+    "seg_single_scale_miou": "segmentation mIoU, one scale (val)",
+}
 
 
 def _summary_table(final: dict, run_dir: Path) -> str:
-    rows = [
-        ("CAM mIoU (val, true labels)", f"{final['cam_miou']:.2f}"),
-        ("segmentation mIoU (val)", f"{final['seg_miou']:.2f}"),
-        ("segmentation + CRF mIoU (val)", f"{final['seg_crf_miou']:.2f}"),
-        ("iterations", str(final["iterations"])),
+    rows = [(label, f"{final[key]:.2f}") for key, label in _TABLE_LABELS.items() if key in final]
+    rows += [
+        ("iterations", _iterations_text(final["iterations"])),
         ("training time", f"{final['train_seconds'] / 60:.1f} min"),
         ("run directory", str(run_dir)),
     ]
@@ -556,6 +802,13 @@ def _summary_table(final: dict, run_dir: Path) -> str:
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     rule = "-" * max(len(line) for line in lines)
     return "\n".join([rule, *lines, rule])
+
+
+def _iterations_text(iterations: int | dict) -> str:
+    """``720``, or per stage ``cam 400, seg 300``."""
+    if isinstance(iterations, dict):
+        return ", ".join(f"{name} {count}" for name, count in iterations.items())
+    return str(iterations)
 
 
 # Command line ---------------------------------------------------------------------------
@@ -593,6 +846,12 @@ def build_parser() -> argparse.ArgumentParser:
         const="",
         default=None,
         help="continue the run in --out (or the run directory / checkpoint given here)",
+    )
+    parser.add_argument(
+        "--stage",
+        default="all",
+        help="for a method trained in steps (weaktr: cam, seg): run only this step "
+        "(default: all, in order; finished steps are skipped)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser
@@ -635,8 +894,9 @@ def resolve_config(arguments: argparse.Namespace) -> TrainConfig:
     return build_config(layers)
 
 
-def _resumed_config(arguments: argparse.Namespace) -> tuple[TrainConfig, Path, Path]:
-    """(config, run directory, checkpoint) of the run ``--resume`` continues."""
+def _resumed_config(arguments: argparse.Namespace) -> tuple[TrainConfig, Path, Path | None]:
+    """(config, run directory, checkpoint) of the run ``--resume`` continues; the
+    checkpoint is None for a multi-step run (each step finds its own)."""
     fixed = {
         "--method": arguments.method,
         "--data": arguments.data,
@@ -656,15 +916,28 @@ def _resumed_config(arguments: argparse.Namespace) -> tuple[TrainConfig, Path, P
     if source is None:
         raise ValueError("--resume needs a run directory: give --out DIR or --resume DIR")
     checkpoint_path = source / "checkpoints" / "latest.pt" if source.is_dir() else source
-    if not checkpoint_path.is_file():
+    staged = source.is_dir() and not checkpoint_path.is_file() and _is_staged_run(source)
+    if not staged and not checkpoint_path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume at {checkpoint_path}")
     run_dir = arguments.out or (source if source.is_dir() else source.parent.parent)
-    layers = [load_checkpoint(checkpoint_path)["config"]]
+    if staged:
+        layers = [load_yaml(source / "config.yaml")]
+        checkpoint_path = None
+    else:
+        layers = [load_checkpoint(checkpoint_path)["config"]]
     if arguments.iters is not None:
         layers.append({"iters": arguments.iters})
     if arguments.device is not None:
         layers.append({"device": arguments.device})
     return build_config(layers), run_dir, checkpoint_path
+
+
+def _is_staged_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run of a method trained in steps."""
+    config_path = run_dir / "config.yaml"
+    return (
+        config_path.is_file() and method_stages(build_config([load_yaml(config_path)])) is not None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,12 +955,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = (
                 arguments.out or Path("runs") / f"{config.method}_{config.data.dataset}_{stamp}"
             )
-            if (run_dir / "checkpoints" / "latest.pt").exists():
+            if (run_dir / "checkpoints" / "latest.pt").exists() or _is_staged_run(run_dir):
                 raise ValueError(f"{run_dir} already holds a run: pass --resume, or another --out")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     try:
-        train(config, run_dir, resume_from)
+        train(config, run_dir, resume_from, arguments.stage)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wsss_fast.config import TrainConfig
 from wsss_fast.data.transforms import Normalization
 from wsss_fast.models.backbone import ViTBackbone
 
@@ -65,3 +66,19 @@ class WSSSMethod(nn.Module):
         """Segmentation logits at the images' size, (B, 3, H, W) -> (B, C + 1, H, W)
         float32 (background first)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One step of a method trained in several steps (WeakTr: CAM network, then
+    segmenter). The trainer runs each as a full run in ``<run>/<name>/`` with its own
+    ``config``. ``writes_masks``: after training, the stage's network writes
+    ``pseudo_masks(images, labels)`` of the whole train split into ``<run>/<folder>/``;
+    ``reads_masks``: the stage trains on the masks of that folder (augmented with the
+    images) instead of none. A method declares its stages through a ``stages(config)``
+    attribute of its ``BUILDERS`` entry; methods without one are a single stage."""
+
+    name: str
+    config: TrainConfig
+    writes_masks: str | None = None
+    reads_masks: str | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".npz")
@@ -173,3 +174,125 @@ def _query_key_hook(attention: nn.Module, queries: list, keys: list):
         keys.append(attention.k_norm(key))
 
     return hook
+
+
+@dataclass
+class ClassTokensOutput:
+    """Tokens of one forward pass of ``ClassTokensBackbone``.
+
+    - ``class_tokens``: (B, C, D) the C class tokens after the final norm;
+    - ``patch_tokens``: (B, N, D) patch tokens after the final norm;
+    - ``grid``: (h, w) token grid, h * w = N;
+    - ``queries``, ``keys``: per block (B, H, C + N, d), as the block's attention uses them;
+    - ``attention_outputs``: per block (B, C + N, D), the attention branch's output
+      after its projection (before layer scale and drop-path).
+    """
+
+    class_tokens: torch.Tensor
+    patch_tokens: torch.Tensor
+    grid: tuple[int, int]
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    attention_outputs: list[torch.Tensor]
+
+    def patch_map(self) -> torch.Tensor:
+        """The patch tokens as a (B, D, h, w) map."""
+        batch, _, width = self.patch_tokens.shape
+        return self.patch_tokens.transpose(1, 2).reshape(batch, width, *self.grid)
+
+
+class ClassTokensBackbone(ViTBackbone):
+    """A timm ViT with one class token per class (MCTformer's layout): C class tokens,
+    then the patches.
+
+    Every class token starts as a copy of the pretrained class token, and, where the ViT
+    gives its class token a position (``no_embed_class`` False), that position is copied
+    to each. The timm model's own class token is replaced (frozen, unused). The blocks
+    keep their fused attention; every forward captures each block's query, key and
+    attention-branch output for the adaptive attention fusion.
+
+    Args:
+        name, pretrained, img_size, drop_path_rate: as ``ViTBackbone``.
+        num_class_tokens: C.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_class_tokens: int,
+        pretrained: str | None = None,
+        img_size: int | None = None,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__(name, pretrained, img_size, drop_path_rate)
+        vit = self.vit
+        if self.num_prefix_tokens != 1:
+            raise ValueError(
+                f"timm model {name!r} has {self.num_prefix_tokens} prefix tokens; class tokens "
+                "need a ViT with exactly one (no register tokens)"
+            )
+        if num_class_tokens < 1:
+            raise ValueError(f"num_class_tokens must be >= 1, got {num_class_tokens}")
+        self.num_class_tokens = num_class_tokens
+        shape = (1, num_class_tokens, self.embed_dim)
+        self.class_tokens = nn.Parameter(vit.cls_token.detach().expand(shape).clone())
+        self.class_position = None
+        if vit.pos_embed is not None and not vit.no_embed_class:
+            self.class_position = nn.Parameter(vit.pos_embed[:, :1].detach().expand(shape).clone())
+        vit.cls_token.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> ClassTokensOutput:
+        """Images (B, 3, H, W), H and W multiples of the patch size -> ``ClassTokensOutput``."""
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} must be a multiple of the patch size "
+                f"{self.patch_size}"
+            )
+        vit = self.vit
+        tokens = vit.patch_embed(images)
+        batch = tokens.shape[0]
+        grid = (height // self.patch_size, width // self.patch_size)
+        tokens = tokens.reshape(batch, grid[0] * grid[1], self.embed_dim)
+        if vit.pos_embed is not None:
+            first_patch = 0 if vit.no_embed_class else self.num_prefix_tokens
+            tokens = tokens + resample_abs_pos_embed(
+                vit.pos_embed[:, first_patch:],
+                new_size=grid,
+                old_size=vit.patch_embed.grid_size,
+                num_prefix_tokens=0,
+            )
+        class_tokens = self.class_tokens.expand(batch, -1, -1)
+        if self.class_position is not None:
+            class_tokens = class_tokens + self.class_position
+        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(torch.cat([class_tokens, tokens], 1))))
+
+        queries: list[torch.Tensor] = []
+        keys: list[torch.Tensor] = []
+        attention_outputs: list[torch.Tensor] = []
+        handles = []
+        for block in vit.blocks:
+            handles.append(
+                block.attn.qkv.register_forward_hook(_query_key_hook(block.attn, queries, keys))
+            )
+            handles.append(
+                block.attn.register_forward_hook(
+                    lambda _module, _inputs, output: attention_outputs.append(output)
+                )
+            )
+        try:
+            for block in vit.blocks:
+                tokens = block(tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        tokens = vit.norm(tokens)
+        count = self.num_class_tokens
+        return ClassTokensOutput(
+            class_tokens=tokens[:, :count],
+            patch_tokens=tokens[:, count:],
+            grid=grid,
+            queries=queries,
+            keys=keys,
+            attention_outputs=attention_outputs,
+        )

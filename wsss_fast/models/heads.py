@@ -1,7 +1,9 @@
-"""Heads shared by the methods: the token classifier, LargeFOV, the projection head."""
+"""Heads shared by the methods: the token classifier, LargeFOV, the projection head and
+Segmenter's mask-transformer decoder."""
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -81,3 +83,61 @@ class ProjectionHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(features), dim=-1))
+
+
+class MaskTransformerDecoder(nn.Module):
+    """Segmenter's mask transformer (Strudel et al., 2021): K learnt class embeddings go
+    through transformer blocks jointly with the projected patch tokens; the masks are the
+    products of the L2-normalised patch and class features, layer-normed over classes.
+
+    (B, N, D) patch tokens on an (h, w) grid -> (B, K, h, w) mask logits.
+
+    Args:
+        in_dim: D, the encoder width.
+        num_classes: K (background included).
+        width: the decoder width.
+        depth: number of transformer blocks.
+        num_heads: attention heads of each block.
+        mlp_ratio: MLP width / ``width``.
+        dropout: dropout after attention and MLP projections.
+        drop_path_rate: stochastic depth, rising linearly to this over the blocks.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        width: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.input_projection = nn.Linear(in_dim, width)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=rate)
+            for rate in rates
+        )
+        self.class_embeddings = nn.Parameter(torch.empty(1, num_classes, width))
+        nn.init.trunc_normal_(self.class_embeddings, std=0.02)
+        scale = width**-0.5
+        self.patch_projection = nn.Parameter(scale * torch.randn(width, width))
+        self.class_projection = nn.Parameter(scale * torch.randn(width, width))
+        self.decoder_norm = nn.LayerNorm(width)
+        self.mask_norm = nn.LayerNorm(num_classes)
+
+    def forward(self, patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        tokens = self.input_projection(patch_tokens)
+        class_embeddings = self.class_embeddings.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([tokens, class_embeddings], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        tokens = self.decoder_norm(tokens)
+        patches = F.normalize(tokens[:, : -self.num_classes] @ self.patch_projection, dim=-1)
+        classes = F.normalize(tokens[:, -self.num_classes :] @ self.class_projection, dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, N, K)
+        return masks.transpose(1, 2).reshape(masks.shape[0], self.num_classes, *grid)
