@@ -1,11 +1,13 @@
 """WeakTr: both steps' losses and gradients, the clipping rule, the two-step trainer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from wsss_fast import infer
 from wsss_fast import train as trainer
 from wsss_fast.checkpoint import load_checkpoint
 from wsss_fast.config import ModelConfig, WeakTrConfig, WeakTrSegmentationConfig
@@ -251,6 +253,12 @@ def test_both_steps_end_to_end_and_resume_in_either(dataset, tmp_path, monkeypat
     assert "cam_miou" in cam_final and "seg_miou" not in cam_final
     with pytest.raises(SystemExit):  # the same directory again without --resume
         run(dataset, out)
+    # Inference from the run directory uses the last step, the segmenter.
+    assert infer.resolve_checkpoint(out) == out / "seg" / "checkpoints" / "best.pt"
+    images = Path(dataset) / "JPEGImages"
+    arguments = ["--checkpoint", str(out), "--images", str(images), "--out", str(out / "m")]
+    assert infer.main(arguments) == 0
+    assert len(list((out / "m").glob("*.png"))) == len(list(images.glob("*.jpg")))
 
     # Interrupted in step 1, resumed: the same weights as the uninterrupted run.
     interrupted = tmp_path / "interrupted"

@@ -22,18 +22,24 @@ from tqdm import tqdm
 
 import wsss_fast.models  # noqa: F401  (registers the package's timm models)
 from wsss_fast.checkpoint import load_checkpoint
-from wsss_fast.config import TrainConfig, build_config
+from wsss_fast.config import TrainConfig, build_config, load_yaml
 from wsss_fast.data.folder import read_rgb_image
 from wsss_fast.data.palette import save_label_png
 from wsss_fast.methods import WSSSMethod, build_method
 from wsss_fast.ops import dense_crf
-from wsss_fast.train import autocast_for, resolve_device
+from wsss_fast.train import autocast_for, method_stages, resolve_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run directory's best checkpoint (else its latest), or the file itself."""
+    """A run directory's best checkpoint (else its latest), or the file itself. The
+    directory of a run in steps (WeakTr) stands for its last step, the segmenter."""
+    run_config = path / "config.yaml"
+    if path.is_dir() and not (path / "checkpoints").is_dir() and run_config.is_file():
+        stages = method_stages(build_config([load_yaml(run_config)]))
+        if stages:
+            path = path / stages[-1].name
     if path.is_dir():
         for name in ("best.pt", "latest.pt"):
             candidate = path / "checkpoints" / name
