@@ -28,6 +28,19 @@ def _want_cuda() -> bool:
     return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 
+def _default_cuda_arch() -> None:
+    """Picks Hopper (sm_90) when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset.
+
+    torch derives the target architectures from the visible GPUs; with none (a CPU
+    machine compiling the CUDA sources as a check) its list is empty and recent torch
+    fails inside cpp_extension with an IndexError.
+    """
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -44,6 +57,7 @@ def _extension():
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DNDEBUG"]
     define_macros = []
     if with_cuda:
+        _default_cuda_arch()
         sources += sorted(glob.glob(os.path.join("csrc", "crf", "cuda", "*.cu")))
         define_macros.append(("WSSS_FAST_WITH_CUDA", "1"))
         cxx_flags.append("-DWSSS_FAST_WITH_CUDA=1")

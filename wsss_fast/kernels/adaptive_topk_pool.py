@@ -59,15 +59,18 @@ def _adaptive_topk_pool_forward_kernel(
 
     # Order-preserving keys: flip every bit of negatives, only the sign bit of the rest.
     # Padding gets key 0, below every real value (0 is a NaN's key: NaN is unsupported).
+    # (XOR with all ones rather than `~`: Triton >= 3.8's interpreter lowers `~` on
+    # uint32 through a Python -1, which it rejects.)
+    all_ones = tl.full((), 0xFFFFFFFF, dtype=tl.uint32)
     bits = s.to(tl.uint32, bitcast=True)
-    keys = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    keys = tl.where((bits >> 31) != 0, bits ^ all_ones, bits | 0x80000000)
     keys = tl.where(mask, keys, 0)
     kth_key = tl.zeros((), dtype=tl.uint32)
     for i in range(32):
         candidate = kth_key | (tl.full((), 1, dtype=tl.uint32) << (31 - i))
         at_least = tl.sum((keys >= candidate).to(tl.int32), axis=0)
         kth_key = tl.where(at_least >= k, candidate, kth_key)
-    kth_bits = tl.where((kth_key >> 31) != 0, kth_key ^ 0x80000000, ~kth_key)
+    kth_bits = tl.where((kth_key >> 31) != 0, kth_key ^ 0x80000000, kth_key ^ all_ones)
     kth_value = kth_bits.to(tl.float32, bitcast=True)
 
     above = mask & (s > kth_value)
