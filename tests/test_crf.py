@@ -202,14 +202,21 @@ def test_label_counts(make_case, labels):
         assert_marginals_match(ours, crf_2d(pdcrf, image, unary, gaussian, bilateral).inference(10))
 
 
-@pytest.mark.parametrize("count", [40, 41, 851])
-def test_generic_features_and_embedding_padding(count):
-    """DenseCRF.addPairwiseEnergy with 3-d features away from the origin. pydensecrf
-    embeds points in blocks of 4 and pads the last block with points at the origin,
-    whose lattice vertices take part in the blur: with count % 4 != 0 those extra
-    vertices change the result, and the op must add them too."""
+@pytest.mark.parametrize(
+    ("count", "dim", "spread"),
+    [(40, 3, 0.0), (41, 3, 0.0), (851, 3, 0.0), (851, 5, 0.0), (853, 5, 2e5), (77, 2, 1e6)],
+)
+def test_generic_features_and_embedding_padding(count, dim, spread):
+    """DenseCRF.addPairwiseEnergy with d-dimensional features away from the origin.
+    pydensecrf embeds points in blocks of 4 and pads the last block with points at the
+    origin, whose lattice vertices take part in the blur: with count % 4 != 0 those
+    extra vertices change the result, and the op must add them too. d = 5 takes the
+    vectorised embedding; with `spread`, the points form clusters that far apart, and
+    for d = 5 the lattice keys no longer pack into 64 bits (the hashed key path)."""
     rng = np.random.default_rng(count)
-    features = rng.uniform(0.3, 3.0, size=(3, count)).astype(np.float32)
+    centres = rng.uniform(0.0, spread, size=(dim, 8))
+    features = centres[:, rng.integers(0, 8, size=count)] + rng.uniform(0.3, 3.0, (dim, count))
+    features = features.astype(np.float32)
     unary = rng.normal(size=(4, count)).astype(np.float32)
     crf = wcrf.DenseCRF(count, 4)
     crf.setUnaryEnergy(unary)

@@ -18,7 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#if defined(__FMA__)
+#if defined(__AVX__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <cstring>
@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t kLanes = 8;             // floats per AVX2 register: label rows are padded to it
 constexpr int64_t kPointsPerTask = 4096;  // smallest pixel chunk worth a task of its own
-constexpr int64_t kTransposeBlock = 256;  // pixels per block of the (M, N) <-> (N, Mp) copies
+constexpr int64_t kBlockPoints = 32;      // pixels per block of a mean-field pass's phases
 
 int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -107,40 +107,102 @@ inline Lanes exp_nonpositive(Lanes x) {
 inline Lanes* as_lanes(float* data) { return reinterpret_cast<Lanes*>(data); }
 inline const Lanes* as_lanes(const float* data) { return reinterpret_cast<const Lanes*>(data); }
 
-// Open-addressing hash table from lattice keys (d ints) to dense vertex ids.
+// How lattice keys (d ints) map to 64-bit tags. When every coordinate of every key
+// the lattice will see (vertices and their blur neighbours) fits a bit field of its
+// own, the tag is the key itself, packed: comparing tags compares keys. Otherwise the
+// tag is a hash, and equal tags are confirmed on the stored keys.
+struct KeyPacking {
+  bool exact = false;
+  int64_t low[kMaxFeatureDim] = {};  // coordinate i is stored as key[i] - low[i]
+  int shift[kMaxFeatureDim] = {};
+
+  uint64_t tag(const int32_t* key, int dim) const {
+    uint64_t value = 0;
+    if (exact) {
+      for (int i = 0; i < dim; ++i) value |= static_cast<uint64_t>(key[i] - low[i]) << shift[i];
+      return value;
+    }
+    value = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < dim; ++i) {
+      value = (value ^ static_cast<uint32_t>(key[i])) * 0x100000001B3ull;
+    }
+    return value ^ (value >> 29);
+  }
+};
+
+// The packing for points whose remainder-0 points `simplex` (rows of 2 (d+1) ints, the
+// first d used) lie within [lowest, highest] per coordinate: a vertex key is within
+// d+1 of its point's rem0, a blur neighbour within d of a vertex.
+KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
+  KeyPacking packing;
+  int bits = 0;
+  for (int i = 0; i < dim; ++i) {
+    packing.low[i] = int64_t{lowest[i]} - 2 * dim - 1;
+    const int64_t span = int64_t{highest[i]} + 2 * dim - packing.low[i] + 1;
+    packing.shift[i] = bits;
+    bits += 64 - __builtin_clzll(static_cast<uint64_t>(span));
+  }
+  packing.exact = bits <= 64;
+  return packing;
+}
+
+// Open-addressing hash table from lattice keys (d ints) to dense vertex ids. Slots
+// hold the key's tag next to the id, so a probe touches one cache line.
 class KeyTable {
  public:
-  explicit KeyTable(int key_size) : key_size_(key_size) { rehash(1 << 12); }
+  KeyTable(int key_size, const KeyPacking& packing, int64_t expected)
+      : key_size_(key_size), packing_(packing) {
+    size_t capacity = 1 << 12;
+    while (capacity < 2 * static_cast<size_t>(expected)) capacity *= 2;
+    rehash(capacity);
+  }
 
   int32_t size() const { return count_; }
   const int32_t* key(int32_t id) const { return keys_.data() + int64_t{id} * key_size_; }
 
-  int32_t find_or_insert(const int32_t* key) {
+  // The key's tag: equal tags mean equal keys when `exact()`.
+  uint64_t tag(const int32_t* key) const { return packing_.tag(key, key_size_); }
+  bool exact() const { return packing_.exact; }
+
+  int32_t find_or_insert(const int32_t* key) { return find_or_insert(key, tag(key)); }
+
+  int32_t find_or_insert(const int32_t* key, uint64_t tag) {
     if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
-    size_t slot = hash(key) & mask_;
+    size_t slot = index(tag);
     while (true) {
-      const int32_t id = slots_[slot];
-      if (id < 0) {
+      Slot& entry = slots_[slot];
+      if (entry.id < 0) {
         keys_.insert(keys_.end(), key, key + key_size_);
-        slots_[slot] = count_;
+        entry = {tag, count_};
         return count_++;
       }
-      if (same_key(key, this->key(id))) return id;
+      if (entry.tag == tag && (packing_.exact || same_key(key, this->key(entry.id)))) {
+        return entry.id;
+      }
       slot = (slot + 1) & mask_;
     }
   }
 
   // Returns -1 when the key is not a vertex. Read-only: safe from many threads.
   int32_t find(const int32_t* key) const {
-    size_t slot = hash(key) & mask_;
+    const uint64_t tag = packing_.tag(key, key_size_);
+    size_t slot = index(tag);
     while (true) {
-      const int32_t id = slots_[slot];
-      if (id < 0 || same_key(key, this->key(id))) return id;
+      const Slot& entry = slots_[slot];
+      if (entry.id < 0) return -1;
+      if (entry.tag == tag && (packing_.exact || same_key(key, this->key(entry.id)))) {
+        return entry.id;
+      }
       slot = (slot + 1) & mask_;
     }
   }
 
  private:
+  struct Slot {
+    uint64_t tag;
+    int32_t id;
+  };
+
   // A plain loop: keys are a few ints, where std::equal would call memcmp.
   bool same_key(const int32_t* a, const int32_t* b) const {
     for (int i = 0; i < key_size_; ++i) {
@@ -149,29 +211,31 @@ class KeyTable {
     return true;
   }
 
-  size_t hash(const int32_t* key) const {
-    uint64_t h = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < key_size_; ++i) {
-      h = (h ^ static_cast<uint32_t>(key[i])) * 0x100000001B3ull;
-    }
-    return static_cast<size_t>(h ^ (h >> 29));
+  // Fibonacci hashing: the top bits of tag * 2^64 / phi (packed tags are far from
+  // uniform in their low bits).
+  size_t index(uint64_t tag) const {
+    return static_cast<size_t>((tag * 0x9E3779B97F4A7C15ull) >> index_shift_);
   }
 
   void rehash(size_t capacity) {
-    slots_.assign(capacity, -1);
+    slots_.assign(capacity, Slot{0, -1});
     mask_ = capacity - 1;
+    index_shift_ = __builtin_clzll(static_cast<uint64_t>(capacity)) + 1;
     for (int32_t id = 0; id < count_; ++id) {
-      size_t slot = hash(key(id)) & mask_;
-      while (slots_[slot] >= 0) slot = (slot + 1) & mask_;
-      slots_[slot] = id;
+      const uint64_t tag = packing_.tag(key(id), key_size_);
+      size_t slot = index(tag);
+      while (slots_[slot].id >= 0) slot = (slot + 1) & mask_;
+      slots_[slot] = {tag, id};
     }
   }
 
   int key_size_;
+  KeyPacking packing_;
   int32_t count_ = 0;
   size_t mask_ = 0;
+  int index_shift_ = 0;
   std::vector<int32_t> keys_;
-  std::vector<int32_t> slots_;
+  std::vector<Slot> slots_;
 };
 
 // A lattice built for one set of points: where each point splats, and the blur graph.
@@ -224,13 +288,99 @@ bool all_finite(const float* data, int64_t count, int64_t threads) {
   return std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; });
 }
 
+#if defined(__AVX__)
+// embed_point for eight points at once, lanes = points p..p+7, with the same float
+// operations in the same order (no FMA: -ffp-contract=off), so every lane gives the
+// scalar function's result bit for bit. Data-dependent indexing (the barycentric
+// scatter by rank) becomes a compare-and-select over the d+2 slots.
+template <int kDim>
+void embed_eight_points(const float* features, int64_t stride, const float* scale, int64_t p,
+                        int32_t* simplex, float* weight) {
+  constexpr int d = kDim;
+  constexpr int corners = d + 1;
+  const Lanes down = broadcast(1.0f / static_cast<float>(d + 1));
+  const Lanes up = broadcast(static_cast<float>(d + 1));
+  Lanes elevated[corners], rem0[corners];
+  IntLanes rank[corners];
+
+  Lanes running = Lanes{};
+  for (int j = d; j > 0; --j) {
+    const Lanes cf = *as_lanes(features + (j - 1) * stride + p) * scale[j - 1];
+    elevated[j] = running - static_cast<float>(j) * cf;
+    running += cf;
+  }
+  elevated[0] = running;
+
+  Lanes sum = Lanes{};
+  for (int i = 0; i <= d; ++i) {
+    const Lanes scaled = down * elevated[i];
+    const Lanes v = reinterpret_cast<Lanes>(_mm256_round_ps(
+        reinterpret_cast<__m256>(scaled), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    rem0[i] = v * up;
+    sum += v;
+    rank[i] = IntLanes{};
+  }
+  Lanes residual[corners];
+  for (int i = 0; i <= d; ++i) residual[i] = elevated[i] - rem0[i];
+  for (int i = 0; i < d; ++i) {
+    for (int j = i + 1; j <= d; ++j) {
+      const IntLanes i_below = residual[i] < residual[j];  // -1 where true, else 0
+      rank[i] -= i_below;
+      rank[j] += 1 + i_below;
+    }
+  }
+  const IntLanes shift = __builtin_convertvector(sum, IntLanes);
+  const IntLanes zero = IntLanes{}, top = zero + d;
+  for (int i = 0; i <= d; ++i) {
+    rank[i] += shift;
+    const IntLanes below = rank[i] < zero, above = rank[i] > top;
+    rank[i] += (below & (d + 1)) - (above & (d + 1));
+    rem0[i] += reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(up) & below);
+    rem0[i] -= reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(up) & above);
+  }
+  // bary[d - rank_i] += v_i; bary[d - rank_i + 1] -= v_i, for i in order.
+  Lanes bary[d + 2];
+  for (int k = 0; k <= d + 1; ++k) bary[k] = Lanes{};
+  for (int i = 0; i <= d; ++i) {
+    const Lanes v = (elevated[i] - rem0[i]) * down;
+    const IntLanes slot = top - rank[i];
+    for (int k = 0; k <= d + 1; ++k) {
+      const Lanes plus = reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(v) & (slot == k));
+      const Lanes minus =
+          reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(v) & (slot + 1 == k));
+      bary[k] = bary[k] + plus - minus;
+    }
+  }
+  bary[0] += 1.0f + bary[d + 1];
+
+  // Back to one row per point.
+  for (int i = 0; i <= d; ++i) {
+    const IntLanes rem0_int = __builtin_convertvector(rem0[i], IntLanes);
+    for (int lane = 0; lane < 8; ++lane) {
+      int32_t* row = simplex + (p + lane) * 2 * corners;
+      row[i] = rem0_int[lane];
+      row[corners + i] = rank[i][lane];
+      weight[(p + lane) * corners + i] = bary[i][lane];
+    }
+  }
+}
+#endif
+
 // Embeds points [begin, end) of (d, N) features at row stride `stride`: their simplex
 // (rem0 then rank, 2 (d+1) ints each) and barycentric weights (d+1 each).
 template <int kDim>
 void embed_points(const float* features, int64_t stride, int dim, const float* scale,
                   int64_t begin, int64_t end, int32_t* simplex, float* weight) {
   const int corners = dim + 1;
-  for (int64_t p = begin; p < end; ++p) {
+  int64_t p = begin;
+#if defined(__AVX__)
+  if constexpr (kDim > 0) {
+    for (; p + 8 <= end; p += 8) {
+      embed_eight_points<kDim>(features, stride, scale, p, simplex, weight);
+    }
+  }
+#endif
+  for (; p < end; ++p) {
     int32_t* rem0 = simplex + p * 2 * corners;
     embed_point<kDim>(features + p, stride, dim, scale, rem0, rem0 + corners,
                       weight + p * corners);
@@ -272,8 +422,21 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
 
   // Give every distinct vertex an id (sequential). Neighbouring pixels usually lie
   // in the same simplex: their vertex ids are then copied instead of looked up.
-  KeyTable table(dim);
+  // The origin is among the points' rem0 for pydensecrf's padding points below.
+  int32_t lowest[kMaxFeatureDim] = {}, highest[kMaxFeatureDim] = {};
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int32_t* rem0 = simplex.data() + p * 2 * corners;
+    for (int i = 0; i < dim; ++i) {
+      lowest[i] = std::min(lowest[i], rem0[i]);
+      highest[i] = std::max(highest[i], rem0[i]);
+    }
+  }
+  KeyTable table(dim, key_packing(lowest, highest, dim), num_points / 16);
   int32_t key[kMaxFeatureDim];
+  // With exact tags, a corner whose key is the previous point's same corner (about
+  // 3/4 of the Gaussian's corners, 3/5 of the bilateral's on photos) takes its id
+  // without a table probe.
+  uint64_t previous_tag[kMaxFeatureDim + 1];
   for (int64_t p = 0; p < num_points; ++p) {
     const int32_t* rem0 = simplex.data() + p * 2 * corners;
     int32_t* ids = lattice.vertex.data() + p * corners;
@@ -286,7 +449,13 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     const int32_t* rank = rem0 + corners;
     for (int r = 0; r <= dim; ++r) {
       for (int i = 0; i < dim; ++i) key[i] = vertex_key(rem0, rank, dim, r, i);
-      ids[r] = table.find_or_insert(key) + 1;
+      const uint64_t tag = table.tag(key);
+      if (p > 0 && table.exact() && tag == previous_tag[r]) {
+        ids[r] = ids[r - corners];
+      } else {
+        ids[r] = table.find_or_insert(key, tag) + 1;
+        previous_tag[r] = tag;
+      }
     }
   }
   // pydensecrf embeds points four at a time and fills the last block with points at
@@ -455,6 +624,7 @@ struct MeanFieldPass {
   std::vector<float> alpha;            // per kernel
   Lanes last_chunk_mask{};             // 1 on the real labels of the last chunk, else 0
   bool update_q = false;               // recompute q = softmax(energy)
+  bool store_q = false;                // keep the recomputed q in `q` (else splat it only)
   bool slice = false;                  // energy includes the kernels (else -unary alone)
   std::vector<const float*> blurred;   // per kernel: the values to slice
   std::vector<float*> splat_targets;   // kernel k, task t at k * tasks + t; empty: no splat
@@ -513,18 +683,82 @@ inline void splat_rows(const KernelStep& step, int64_t p, int64_t chunks, const 
   }
 }
 
+// Energy of one point: -unary - sum_k compat_k(slice_k), the kernels only when the
+// pass slices. `filtered` is scratch of one label row.
+template <int kChunks>
+inline void point_energy(const MeanFieldPass& pass, const std::vector<KernelStep>& steps,
+                         int64_t p, int64_t chunks, Lanes* filtered, Lanes* energy) {
+  const int64_t stride = chunks * kLanes;
+  const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
+  for (int64_t j = 0; j < chunks; ++j) energy[j] = unary[j];
+  if (!pass.slice) return;
+  for (const KernelStep& step : steps) {
+    switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
+      case 3: slice_rows<3>(step, p, chunks, pass.sequential_rounding, filtered); break;
+      case 6: slice_rows<6>(step, p, chunks, pass.sequential_rounding, filtered); break;
+      default: slice_rows<0>(step, p, chunks, pass.sequential_rounding, filtered); break;
+    }
+    if (step.scale_after) {
+      const float n = step.norm[p];
+      for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
+    }
+    // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
+    const Compatibility& compat = *step.compat;
+    if (compat.kind == kPotts) {
+      const Lanes potts = broadcast(compat.potts);
+      for (int64_t j = 0; j < chunks; ++j) energy[j] = multiply_add(potts, filtered[j], energy[j]);
+    } else if (compat.kind == kDiagonal) {
+      const Lanes* v = as_lanes(compat.weights.data());
+      for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
+    } else if constexpr (kChunks == 0) {
+      // Matrix compatibilities index single labels, which would force a fixed-stride
+      // instantiation's rows out of registers: they run in this one only.
+      const int64_t labels = pass.labels;
+      const float* f = reinterpret_cast<const float*>(filtered);
+      float* e = reinterpret_cast<float*>(energy);
+      for (int64_t i = 0; i < labels; ++i) {
+        const float* row = compat.weights.data() + i * stride;
+        float sum = 0.0f;
+        for (int64_t l = 0; l < labels; ++l) sum += row[l] * f[l];
+        e[i] -= sum;
+      }
+    }
+  }
+}
+
+// q = softmax(energy) over one label row. Padding lanes hold -inf energy (they never
+// receive a message), so they drop out of the max; after exp the mask zeroes them.
+inline void softmax_row(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask, Lanes* q) {
+  Lanes top = energy[0];
+  for (int64_t j = 1; j < chunks; ++j) top = top > energy[j] ? top : energy[j];
+  top = all_lanes_max(top);
+  Lanes total = Lanes{};
+  for (int64_t j = 0; j < chunks; ++j) {
+    q[j] = exp_nonpositive(energy[j] - top);
+    if (j + 1 == chunks) q[j] *= last_chunk_mask;
+    total += q[j];
+  }
+  const Lanes inverse = 1.0f / all_lanes_sum(total);
+  for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
+}
+
 // For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
-// slice_k)) (the kernels only when `slice`); then, if splat targets are set, splat q
-// into this task's buffers. kChunks > 0 fixes the label stride at compile time, so
-// that a pixel's rows stay in registers; 0 reads it from the pass.
+// slice_k)) (the kernels only when `slice`), kept in `pass.q` when `store_q`; then, if
+// splat targets are set, q is splatted into this task's buffers. kChunks > 0 fixes
+// the label stride at compile time, so that a pixel's rows stay in registers; 0 reads
+// it from the pass.
+//
+// The work goes block by block in three phases (energies, softmaxes, splats): one
+// pixel's chain of slice -> softmax -> splat is long and serial, and a loop over whole
+// chains leaves the CPU little to overlap; within a phase every pixel's work is
+// independent of the previous one's. Each kernel's rows still receive their splats in
+// pixel order, so the sums are those of a pixel-by-pixel pass.
 template <int kChunks>
 void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
   const int64_t chunks = kChunks > 0 ? kChunks : pass.chunks;
   const int64_t stride = chunks * kLanes;
-  const int64_t labels = pass.labels;
   const size_t num_kernels = pass.kernels.size();
   const bool do_splat = !pass.splat_targets.empty();
-  const bool sequential_rounding = pass.sequential_rounding;
   std::vector<KernelStep> steps(num_kernels);
   for (size_t k = 0; k < num_kernels; ++k) {
     const PreparedKernel& kernel = *pass.kernels[k];
@@ -541,69 +775,38 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     step.scale_after = kernel.scale_after();
     step.compat = pass.compat[k];
   }
-  constexpr int kLocal = kChunks > 0 ? kChunks : 1;
-  Lanes energy_local[kLocal], filtered_local[kLocal];
-  std::vector<float> heap(kChunks > 0 ? 0 : 2 * stride);
-  Lanes* energy = kChunks > 0 ? energy_local : as_lanes(heap.data());
-  Lanes* filtered = kChunks > 0 ? filtered_local : as_lanes(heap.data() + stride);
+  // Per block: energies and q rows (q in pass.q itself when it is kept), and one row
+  // of slice scratch; all of it stays in L1.
+  std::vector<float> scratch((2 * kBlockPoints + 1) * stride);
+  Lanes* energies = as_lanes(scratch.data());
+  Lanes* q_block = energies + kBlockPoints * chunks;
+  Lanes* filtered = q_block + kBlockPoints * chunks;
 
-  for (int64_t p = begin; p < end; ++p) {
-    Lanes* q = as_lanes(pass.q + p * stride);
+  for (int64_t block = begin; block < end; block += kBlockPoints) {
+    const int64_t count = std::min(kBlockPoints, end - block);
+    Lanes* q_rows = as_lanes(pass.q + block * stride);
     if (pass.update_q) {
-      const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
-      for (int64_t j = 0; j < chunks; ++j) energy[j] = unary[j];
-      for (size_t k = 0; pass.slice && k < num_kernels; ++k) {
-        const KernelStep& step = steps[k];
-        switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
-          case 3: slice_rows<3>(step, p, chunks, sequential_rounding, filtered); break;
-          case 6: slice_rows<6>(step, p, chunks, sequential_rounding, filtered); break;
-          default: slice_rows<0>(step, p, chunks, sequential_rounding, filtered); break;
-        }
-        if (step.scale_after) {
-          const float n = step.norm[p];
-          for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
-        }
-        // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
-        const Compatibility& compat = *step.compat;
-        if (compat.kind == kPotts) {
-          const Lanes potts = broadcast(compat.potts);
-          for (int64_t j = 0; j < chunks; ++j) energy[j] = multiply_add(potts, filtered[j], energy[j]);
-        } else if (compat.kind == kDiagonal) {
-          const Lanes* v = as_lanes(compat.weights.data());
-          for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
-        } else if constexpr (kChunks == 0) {
-          // Matrix compatibilities index single labels, which would force a fixed-stride
-          // instantiation's rows out of registers: they run in this one only.
-          const float* f = reinterpret_cast<const float*>(filtered);
-          float* e = reinterpret_cast<float*>(energy);
-          for (int64_t i = 0; i < labels; ++i) {
-            const float* row = compat.weights.data() + i * stride;
-            float sum = 0.0f;
-            for (int64_t l = 0; l < labels; ++l) sum += row[l] * f[l];
-            e[i] -= sum;
-          }
+      for (int64_t i = 0; i < count; ++i) {
+        if constexpr (kChunks > 0) {
+          Lanes energy[kChunks], filtered_row[kChunks];  // in registers
+          point_energy<kChunks>(pass, steps, block + i, chunks, filtered_row, energy);
+          for (int64_t j = 0; j < chunks; ++j) energies[i * chunks + j] = energy[j];
+        } else {
+          point_energy<0>(pass, steps, block + i, chunks, filtered, energies + i * chunks);
         }
       }
-      // Softmax. Padding lanes hold -inf energy (they never receive a message), so
-      // they drop out of the max; after exp the mask zeroes them.
-      Lanes top = energy[0];
-      for (int64_t j = 1; j < chunks; ++j) top = top > energy[j] ? top : energy[j];
-      top = all_lanes_max(top);
-      Lanes total = Lanes{};
-      for (int64_t j = 0; j < chunks; ++j) {
-        q[j] = exp_nonpositive(energy[j] - top);
-        if (j + 1 == chunks) q[j] *= pass.last_chunk_mask;
-        total += q[j];
+      if (!pass.store_q) q_rows = q_block;
+      for (int64_t i = 0; i < count; ++i) {
+        softmax_row(energies + i * chunks, chunks, pass.last_chunk_mask, q_rows + i * chunks);
       }
-      const Lanes inverse = 1.0f / all_lanes_sum(total);
-      for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
     }
-    if (do_splat) {
-      for (const KernelStep& step : steps) {
+    if (!do_splat) continue;
+    for (const KernelStep& step : steps) {
+      for (int64_t i = 0; i < count; ++i) {
         switch (step.corners) {
-          case 3: splat_rows<3>(step, p, chunks, q); break;
-          case 6: splat_rows<6>(step, p, chunks, q); break;
-          default: splat_rows<0>(step, p, chunks, q); break;
+          case 3: splat_rows<3>(step, block + i, chunks, q_rows + i * chunks); break;
+          case 6: splat_rows<6>(step, block + i, chunks, q_rows + i * chunks); break;
+          default: splat_rows<0>(step, block + i, chunks, q_rows + i * chunks); break;
         }
       }
     }
@@ -640,6 +843,86 @@ class LatticeValues {
   int64_t shift_ = 0;
 };
 
+// Transposes an 8x8 tile: in[k][j] -> out[j][k] (label planes <-> pixel rows).
+inline void transpose_tile(const Lanes* in, Lanes* out) {
+  Lanes low[4], high[4];
+  for (int k = 0; k < 4; ++k) {
+    low[k] = __builtin_shuffle(in[2 * k], in[2 * k + 1], IntLanes{0, 8, 1, 9, 4, 12, 5, 13});
+    high[k] = __builtin_shuffle(in[2 * k], in[2 * k + 1], IntLanes{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  const IntLanes even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
+  const Lanes quads[8] = {
+      __builtin_shuffle(low[0], low[1], even),   __builtin_shuffle(low[0], low[1], odd),
+      __builtin_shuffle(high[0], high[1], even), __builtin_shuffle(high[0], high[1], odd),
+      __builtin_shuffle(low[2], low[3], even),   __builtin_shuffle(low[2], low[3], odd),
+      __builtin_shuffle(high[2], high[3], even), __builtin_shuffle(high[2], high[3], odd),
+  };
+  const IntLanes first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int j = 0; j < 4; ++j) {
+    out[j] = __builtin_shuffle(quads[j], quads[j + 4], first);
+    out[j + 4] = __builtin_shuffle(quads[j], quads[j + 4], second);
+  }
+}
+
+// Label planes (M, N) -> pixel rows (N, stride) for pixels [begin, end): row p, lane c
+// is sign * planes[c * N + p] for c < M and `pad` beyond. Returns 1 when a copied
+// value is NaN or infinite, else 0.
+uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int64_t stride,
+                        float sign, float pad, int64_t begin, int64_t end, float* rows) {
+  IntLanes bad = IntLanes{};
+  const IntLanes exponent = IntLanes{} + 0x7f800000;
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
+    for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
+      Lanes tile[kLanes], transposed[kLanes];
+      for (int64_t k = 0; k < kLanes; ++k) {
+        if (c0 + k < labels) {
+          const Lanes values = *as_lanes(planes + (c0 + k) * points + p);
+          bad |= (reinterpret_cast<IntLanes>(values) & exponent) == exponent;
+          tile[k] = sign * values;
+        } else {
+          tile[k] = broadcast(pad);
+        }
+      }
+      transpose_tile(tile, transposed);
+      for (int64_t j = 0; j < kLanes; ++j) *as_lanes(rows + (p + j) * stride + c0) = transposed[j];
+    }
+  }
+  uint32_t found = 0;
+  for (int64_t j = 0; j < kLanes; ++j) found |= bad[j] != 0;
+  for (; p < end; ++p) {
+    for (int64_t c = 0; c < stride; ++c) {
+      if (c < labels) {
+        const float value = planes[c * points + p];
+        found |= not_finite(value);
+        rows[p * stride + c] = sign * value;
+      } else {
+        rows[p * stride + c] = pad;
+      }
+    }
+  }
+  return found;
+}
+
+// Pixel rows (N, stride) -> label planes (M, N) for pixels [begin, end).
+void rows_to_planes(const float* rows, int64_t labels, int64_t points, int64_t stride,
+                    int64_t begin, int64_t end, float* planes) {
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
+    for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
+      Lanes tile[kLanes], transposed[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) tile[j] = *as_lanes(rows + (p + j) * stride + c0);
+      transpose_tile(tile, transposed);
+      for (int64_t k = 0; k < kLanes && c0 + k < labels; ++k) {
+        *as_lanes(planes + (c0 + k) * points + p) = transposed[k];
+      }
+    }
+  }
+  for (; p < end; ++p) {
+    for (int64_t c = 0; c < labels; ++c) planes[c * points + p] = rows[p * stride + c];
+  }
+}
+
 // Mean-field inference for one image.
 //   unary (M, N), init_q (M, N) or null, out (M, N).
 void infer_image(const float* unary, const float* init_q, float* out, int64_t labels,
@@ -650,34 +933,17 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   const size_t num_kernels = kernels.size();
 
   // Pixel-major copies of -unary (padding lanes -inf: they take no part in the
-  // softmax) and of the marginals, transposed block by block to stay in cache.
+  // softmax) and of the marginals.
   std::unique_ptr<float[]> neg_unary(new float[points * stride]);
   std::unique_ptr<float[]> q(new float[points * stride]);
   std::vector<uint32_t> bad(tasks, 0);
   for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
-    uint32_t found = 0;
-    for (int64_t block = begin; block < end; block += kTransposeBlock) {
-      const int64_t block_end = std::min(end, block + kTransposeBlock);
-      for (int64_t c = 0; c < labels; ++c) {
-        const float* source = unary + c * points;
-        for (int64_t p = block; p < block_end; ++p) {
-          found |= not_finite(source[p]);
-          neg_unary[p * stride + c] = -source[p];
-        }
-      }
-      for (int64_t p = block; p < block_end; ++p) {
-        std::fill(&neg_unary[p * stride + labels], &neg_unary[(p + 1) * stride],
-                  -std::numeric_limits<float>::infinity());
-      }
-      if (init_q == nullptr) continue;
-      for (int64_t c = 0; c < labels; ++c) {
-        for (int64_t p = block; p < block_end; ++p) q[p * stride + c] = init_q[c * points + p];
-      }
-      for (int64_t p = block; p < block_end; ++p) {
-        std::fill(&q[p * stride + labels], &q[(p + 1) * stride], 0.0f);
-      }
+    bad[task] = planes_to_rows(unary, labels, points, stride, -1.0f,
+                               -std::numeric_limits<float>::infinity(), begin, end,
+                               neg_unary.get());
+    if (init_q != nullptr) {
+      planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.get());
     }
-    bad[task] = found;
   });
   TORCH_CHECK_VALUE(std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; }),
                     "unary contains NaN or infinite energies");
@@ -750,6 +1016,7 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
   // Q0 = softmax(-unary), or init_q; splatted for the first step.
   pass.update_q = init_q == nullptr;
+  pass.store_q = iterations == 0;
   set_splat_targets(iterations > 0);
   run_pass();
   if (iterations > 0) gather_splats();
@@ -765,19 +1032,14 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
       pass.blurred[k] = values[k].data();
     }
     const bool last = iteration + 1 == iterations;
+    pass.store_q = last;
     set_splat_targets(!last);
     run_pass();
     if (!last) gather_splats();
   }
 
   for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; block += kTransposeBlock) {
-      const int64_t block_end = std::min(end, block + kTransposeBlock);
-      for (int64_t c = 0; c < labels; ++c) {
-        float* target = out + c * points;
-        for (int64_t p = block; p < block_end; ++p) target[p] = q[p * stride + c];
-      }
-    }
+    rows_to_planes(q.get(), labels, points, stride, begin, end, out);
   });
 }
 
