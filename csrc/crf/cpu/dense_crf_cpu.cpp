@@ -183,9 +183,12 @@ class KeyTable {
     }
   }
 
+  // Starts loading the slot a probe for `tag` begins at: lookups of large lattices
+  // miss the caches, and a batch of prefetches overlaps those misses.
+  void prefetch(uint64_t tag) const { __builtin_prefetch(slots_.data() + index(tag)); }
+
   // Returns -1 when the key is not a vertex. Read-only: safe from many threads.
-  int32_t find(const int32_t* key) const {
-    const uint64_t tag = packing_.tag(key, key_size_);
+  int32_t find(const int32_t* key, uint64_t tag) const {
     size_t slot = index(tag);
     while (true) {
       const Slot& entry = slots_[slot];
@@ -441,7 +444,9 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     const int32_t* rem0 = simplex.data() + p * 2 * corners;
     int32_t* ids = lattice.vertex.data() + p * corners;
     bool same_simplex = p > 0;
-    for (int i = 0; i < 2 * corners && same_simplex; ++i) same_simplex = rem0[i] == rem0[i - 2 * corners];
+    for (int i = 0; i < 2 * corners && same_simplex; ++i) {
+      same_simplex = rem0[i] == rem0[i - 2 * corners];
+    }
     if (same_simplex) {
       std::copy(ids - corners, ids, ids);
       continue;
@@ -475,26 +480,47 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   const int64_t vertices = table.size();
   lattice.num_vertices = vertices;
 
-  // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table).
+  // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table),
+  // in batches of vertices: all their neighbours' tags first, slots prefetched, then
+  // the lookups.
+  constexpr int64_t kBatch = 32;
   lattice.neighbours.resize(corners * vertices * 2);
   for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
-    int32_t minus[kMaxFeatureDim + 1];
-    int32_t plus[kMaxFeatureDim + 1];
-    for (int axis = 0; axis <= dim; ++axis) {
-      int32_t* out = lattice.neighbours.data() + axis * vertices * 2;
-      for (int64_t v = begin; v < end; ++v) {
-        const int32_t* key = table.key(static_cast<int32_t>(v));
-        for (int i = 0; i < dim; ++i) {
-          minus[i] = key[i] - 1;
-          plus[i] = key[i] + 1;
+    int32_t neighbour[2][kMaxFeatureDim + 1];
+    uint64_t tags[kBatch][2 * (kMaxFeatureDim + 1)];
+    // The keys of vertex v's two neighbours along `axis`, into `neighbour`.
+    auto neighbour_keys = [&](int64_t v, int axis) {
+      const int32_t* key = table.key(static_cast<int32_t>(v));
+      for (int i = 0; i < dim; ++i) {
+        neighbour[0][i] = key[i] - 1;
+        neighbour[1][i] = key[i] + 1;
+      }
+      // Axis d is the implicit last coordinate: there every stored one moves.
+      if (axis < dim) {
+        neighbour[0][axis] = key[axis] + dim;
+        neighbour[1][axis] = key[axis] - dim;
+      }
+    };
+    for (int64_t first = begin; first < end; first += kBatch) {
+      const int64_t last = std::min(end, first + kBatch);
+      for (int64_t v = first; v < last; ++v) {
+        for (int axis = 0; axis <= dim; ++axis) {
+          neighbour_keys(v, axis);
+          for (int side = 0; side < 2; ++side) {
+            const uint64_t tag = table.tag(neighbour[side]);
+            tags[v - first][2 * axis + side] = tag;
+            table.prefetch(tag);
+          }
         }
-        // Axis d is the implicit last coordinate: there every stored one moves.
-        if (axis < dim) {
-          minus[axis] = key[axis] + dim;
-          plus[axis] = key[axis] - dim;
+      }
+      for (int64_t v = first; v < last; ++v) {
+        for (int axis = 0; axis <= dim; ++axis) {
+          neighbour_keys(v, axis);
+          int32_t* out = lattice.neighbours.data() + (axis * vertices + v) * 2;
+          for (int side = 0; side < 2; ++side) {
+            out[side] = table.find(neighbour[side], tags[v - first][2 * axis + side]) + 1;
+          }
         }
-        out[2 * v] = table.find(minus) + 1;
-        out[2 * v + 1] = table.find(plus) + 1;
       }
     }
   });
