@@ -219,7 +219,7 @@ class PixelSupConfig:
     # Loss weights (ours); RCM and MAM are off before ``self_supervision_start_iter``,
     # segmentation before ``seg_start_iter`` (the CAMs must mean something first).
     rcm_weight: float = 0.1
-    mam_weight: float = 0.1  # 1.0 made the CAMs cover whole images on synthetic data
+    mam_weight: float = 0.1  # spreads CAMs over whole images on synthetic data (docstring)
     self_supervision_start_iter: int = 2000
     seg_weight: float = 0.1
     seg_start_iter: int = 2000

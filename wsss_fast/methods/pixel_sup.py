@@ -30,6 +30,15 @@ abstract, not a reimplementation of the authors' network. Single stage, as ToCo.
   whose CAM is <= 0 get no pull: expansion happens into weakly positive regions. (An
   earlier variant without the ReLU, dividing by the peak magnitude, pulled the negative
   background up too and drove the CAMs to cover whole images on the synthetic data.)
+  The pull feeds back on itself: the max over scales is at least the SupportNet's own
+  scale-1 CAM, which follows MainNet's, so the target stays above the CAM and rises
+  with it. On the synthetic data nothing holds the expansion back (max pooling ignores
+  everything below the peak) and the CAMs spread over whole images within a few
+  hundred iterations at weight 0.1; restricting the pull to the target's class region,
+  a two-sided L1 and an added push-down where the target is background did not stop
+  it. The synthetic recipe therefore turns MAM off (configs/pixel_sup_synthetic.yaml
+  lists the measurements); on real data, where CAMs are too small rather than too
+  large, the term is meant to expand them, and ``mam_weight`` sets how hard.
 
 Our choices where the abstract says nothing: the projection (so the contrast shapes the
 backbone without forcing the classifier's own token space onto the prototypes), one

@@ -518,7 +518,8 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
           neighbour_keys(v, axis);
           int32_t* out = lattice.neighbours.data() + (axis * vertices + v) * 2;
           for (int side = 0; side < 2; ++side) {
-            out[side] = table.find(neighbour[side], tags[v - first][2 * axis + side]) + 1;
+            const uint64_t tag = tags[v - first][2 * axis + side];
+            out[side] = table.find(neighbour[side], tag) + 1;
           }
         }
       }
