@@ -280,6 +280,12 @@ inline uint32_t not_finite(float x) {
   return (bits & 0x7f800000u) == 0x7f800000u;
 }
 
+// The same test on eight floats: -1 in the lanes that are NaN or infinite, else 0.
+inline IntLanes not_finite(Lanes x) {
+  const IntLanes exponent = IntLanes{} + 0x7f800000;
+  return (reinterpret_cast<IntLanes>(x) & exponent) == exponent;
+}
+
 bool all_finite(const float* data, int64_t count, int64_t threads) {
   const int64_t tasks = task_count(count, threads);
   std::vector<uint32_t> bad(tasks, 0);
@@ -897,7 +903,6 @@ inline void transpose_tile(const Lanes* in, Lanes* out) {
 uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int64_t stride,
                         float sign, float pad, int64_t begin, int64_t end, float* rows) {
   IntLanes bad = IntLanes{};
-  const IntLanes exponent = IntLanes{} + 0x7f800000;
   int64_t p = begin;
   for (; p + kLanes <= end; p += kLanes) {
     for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
@@ -905,7 +910,7 @@ uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int
       for (int64_t k = 0; k < kLanes; ++k) {
         if (c0 + k < labels) {
           const Lanes values = *as_lanes(planes + (c0 + k) * points + p);
-          bad |= (reinterpret_cast<IntLanes>(values) & exponent) == exponent;
+          bad |= not_finite(values);
           tile[k] = sign * values;
         } else {
           tile[k] = broadcast(pad);
