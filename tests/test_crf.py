@@ -320,6 +320,21 @@ def test_dense_crf_batch_equals_single_images():
         torch.testing.assert_close(batched[b : b + 1], single, rtol=0, atol=1e-6)
 
 
+def test_reused_buffers_change_no_result():
+    """Buffers of a megabyte and more are pooled between calls (csrc/crf/cpu/
+    large_buffer.h): a live output must never be handed out again, and a recycled
+    block's old contents must never leak into a result."""
+    images, probs = photo_batch(161, 121, 21)  # (3, 21, 121, 161) float32: 4.9 MB
+    first = dense_crf(images, probs)
+    kept = first.clone()
+    for width, height in [(161, 121), (97, 143), (161, 121)]:
+        other_images, other_probs = photo_batch(width, height, 21)
+        again = dense_crf(other_images.flip(-1).contiguous(), other_probs.flip(-1).contiguous())
+        del again
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    torch.testing.assert_close(dense_crf(images, probs), kept, rtol=0, atol=0)
+
+
 @needs_pydensecrf
 def test_dense_crf_equals_pydensecrf_with_unary_from_softmax():
     images, probs = photo_batch(61, 43, 7)

@@ -26,6 +26,7 @@
 #include <memory>
 #include <vector>
 
+#include "crf/cpu/large_buffer.h"
 #include "crf/dense_crf.h"
 #include "crf/lattice.h"
 
@@ -237,8 +238,8 @@ class KeyTable {
   int32_t count_ = 0;
   size_t mask_ = 0;
   int index_shift_ = 0;
-  std::vector<int32_t> keys_;
-  std::vector<Slot> slots_;
+  LargeBuffer<int32_t> keys_;
+  LargeBuffer<Slot> slots_;
 };
 
 // A lattice built for one set of points: where each point splats, and the blur graph.
@@ -246,9 +247,9 @@ struct Lattice {
   int dim = 0;                       // feature dimension d
   int64_t num_points = 0;            // N
   int64_t num_vertices = 0;          // V
-  std::vector<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
-  std::vector<float> weight;         // (N, d+1) barycentric weights
-  std::vector<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
+  LargeBuffer<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
+  LargeBuffer<float> weight;         // (N, d+1) barycentric weights
+  LargeBuffer<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
 };
 
 // Splits [0, count) into `tasks` contiguous chunks and runs body(task, begin, end).
@@ -411,7 +412,7 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
 
   // Embed every point (the arithmetic-heavy part, parallel): its simplex
   // (remainder-0 point and ranks) and barycentric weights.
-  std::vector<int32_t> simplex(num_points * 2 * corners);
+  LargeBuffer<int32_t> simplex(num_points * 2 * corners);
   for_each_task(num_points, task_count(num_points, threads),
                 [&](int64_t, int64_t begin, int64_t end) {
                   switch (dim) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
@@ -482,7 +483,7 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
       table.find_or_insert(key);
     }
   }
-  simplex = {};
+  LargeBuffer<int32_t>().swap(simplex);  // release it before the neighbour tables
   const int64_t vertices = table.size();
   lattice.num_vertices = vertices;
 
@@ -584,7 +585,7 @@ inline float slice_scalar(const Lattice& lattice, const float* values, int64_t p
 struct PreparedKernel {
   Lattice lattice;
   Normalization mode = kNormalizeSymmetric;
-  std::vector<float> norm;  // (N) per-point factor; empty for NO_NORMALIZATION
+  LargeBuffer<float> norm;  // (N) per-point factor; empty for NO_NORMALIZATION
   bool scale_before() const { return mode == kNormalizeSymmetric || mode == kNormalizeBefore; }
   bool scale_after() const { return mode == kNormalizeSymmetric || mode == kNormalizeAfter; }
 };
@@ -599,8 +600,8 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
   const Lattice& lattice = kernel.lattice;
   const int corners = dim + 1;
   const int64_t rows = lattice.num_vertices + 1;
-  std::vector<float> values(rows, 0.0f);
-  std::vector<float> scratch(rows, 0.0f);
+  LargeBuffer<float> values(rows, 0.0f);
+  LargeBuffer<float> scratch(rows, 0.0f);
   for (int64_t i = 0; i < points * corners; ++i) values[lattice.vertex[i]] += lattice.weight[i];
   const float* blurred = blur(lattice, values.data(), scratch.data(), 1, true, threads);
   const float alpha = lattice_alpha(dim);
@@ -872,7 +873,7 @@ class LatticeValues {
   void clear() { std::fill(storage_.begin() + shift_, storage_.end(), 0.0f); }
 
  private:
-  std::vector<float> storage_;
+  LargeBuffer<float> storage_;
   int64_t shift_ = 0;
 };
 
@@ -966,15 +967,15 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
   // Pixel-major copies of -unary (padding lanes -inf: they take no part in the
   // softmax) and of the marginals.
-  std::unique_ptr<float[]> neg_unary(new float[points * stride]);
-  std::unique_ptr<float[]> q(new float[points * stride]);
+  LargeBuffer<float> neg_unary(points * stride);
+  LargeBuffer<float> q(points * stride);
   std::vector<uint32_t> bad(tasks, 0);
   for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
     bad[task] = planes_to_rows(unary, labels, points, stride, -1.0f,
                                -std::numeric_limits<float>::infinity(), begin, end,
-                               neg_unary.get());
+                               neg_unary.data());
     if (init_q != nullptr) {
-      planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.get());
+      planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.data());
     }
   });
   TORCH_CHECK_VALUE(std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; }),
@@ -984,8 +985,8 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   pass.labels = labels;
   pass.chunks = stride / kLanes;
   pass.sequential_rounding = labels <= 2;
-  pass.neg_unary = neg_unary.get();
-  pass.q = q.get();
+  pass.neg_unary = neg_unary.data();
+  pass.q = q.data();
   for (int64_t i = 0; i < kLanes; ++i) {
     pass.last_chunk_mask[i] = (stride - kLanes + i) < labels ? 1.0f : 0.0f;
   }
@@ -1071,7 +1072,7 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   }
 
   for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    rows_to_planes(q.get(), labels, points, stride, begin, end, out);
+    rows_to_planes(q.data(), labels, points, stride, begin, end, out);
   });
 }
 
@@ -1088,7 +1089,11 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
   const at::Tensor unary_c = unary.contiguous();
   at::Tensor init_c;
   if (init_q.has_value()) init_c = init_q->contiguous();
-  at::Tensor out = at::empty({batch, labels, points}, unary.options());
+  // The marginals come from the pool of large blocks too (see large_buffer.h).
+  const size_t out_bytes = batch * labels * points * sizeof(float);
+  at::Tensor out = at::from_blob(
+      allocate_large(out_bytes), {batch, labels, points},
+      [out_bytes](void* data) { release_large(data, out_bytes); }, unary.options());
   const size_t num_kernels = features.size();
 
   std::vector<at::Tensor> feature_c(num_kernels);
