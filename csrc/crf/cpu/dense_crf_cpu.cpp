@@ -117,6 +117,11 @@ struct KeyPacking {
   int64_t low[kMaxFeatureDim] = {};  // coordinate i is stored as key[i] - low[i]
   int shift[kMaxFeatureDim] = {};
 
+  // With exact tags, adding one to coordinate i adds unit(i) to the tag: keys differing
+  // by a few units (a simplex's corners, blur neighbours) have tags differing by sums
+  // of these, with no carry between fields (the packing leaves room for them).
+  uint64_t unit(int i) const { return uint64_t{1} << shift[i]; }
+
   uint64_t tag(const int32_t* key, int dim) const {
     uint64_t value = 0;
     if (exact) {
@@ -148,7 +153,8 @@ KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
 }
 
 // Open-addressing hash table from lattice keys (d ints) to dense vertex ids. Slots
-// hold the key's tag next to the id, so a probe touches one cache line.
+// hold the key's tag next to the id, so a probe touches one cache line. Every
+// vertex's tag is kept; its key only when tags are hashes (exact tags are the keys).
 class KeyTable {
  public:
   KeyTable(int key_size, const KeyPacking& packing, int64_t expected)
@@ -160,20 +166,24 @@ class KeyTable {
 
   int32_t size() const { return count_; }
   const int32_t* key(int32_t id) const { return keys_.data() + int64_t{id} * key_size_; }
+  uint64_t vertex_tag(int32_t id) const { return tags_[id]; }
 
   // The key's tag: equal tags mean equal keys when `exact()`.
   uint64_t tag(const int32_t* key) const { return packing_.tag(key, key_size_); }
   bool exact() const { return packing_.exact; }
+  const KeyPacking& packing() const { return packing_; }
 
   int32_t find_or_insert(const int32_t* key) { return find_or_insert(key, tag(key)); }
 
+  // `key` may be null when `exact()`: the tag alone is then the key.
   int32_t find_or_insert(const int32_t* key, uint64_t tag) {
     if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
     size_t slot = index(tag);
     while (true) {
       Slot& entry = slots_[slot];
       if (entry.id < 0) {
-        keys_.insert(keys_.end(), key, key + key_size_);
+        if (!packing_.exact) keys_.insert(keys_.end(), key, key + key_size_);
+        tags_.push_back(tag);
         entry = {tag, count_};
         return count_++;
       }
@@ -188,7 +198,8 @@ class KeyTable {
   // miss the caches, and a batch of prefetches overlaps those misses.
   void prefetch(uint64_t tag) const { __builtin_prefetch(slots_.data() + index(tag)); }
 
-  // Returns -1 when the key is not a vertex. Read-only: safe from many threads.
+  // Returns -1 when the key is not a vertex. Read-only: safe from many threads. `key`
+  // may be null when `exact()`.
   int32_t find(const int32_t* key, uint64_t tag) const {
     size_t slot = index(tag);
     while (true) {
@@ -226,10 +237,9 @@ class KeyTable {
     mask_ = capacity - 1;
     index_shift_ = __builtin_clzll(static_cast<uint64_t>(capacity)) + 1;
     for (int32_t id = 0; id < count_; ++id) {
-      const uint64_t tag = packing_.tag(key(id), key_size_);
-      size_t slot = index(tag);
+      size_t slot = index(tags_[id]);
       while (slots_[slot].id >= 0) slot = (slot + 1) & mask_;
-      slots_[slot] = {tag, id};
+      slots_[slot] = {tags_[id], id};
     }
   }
 
@@ -239,6 +249,7 @@ class KeyTable {
   size_t mask_ = 0;
   int index_shift_ = 0;
   LargeBuffer<int32_t> keys_;
+  LargeBuffer<uint64_t> tags_;
   LargeBuffer<Slot> slots_;
 };
 
@@ -397,6 +408,71 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
   }
 }
 
+// Vertex ids + 1 of every point's d+1 corners, ids in order of first appearance, for
+// exact tags. A point's corner tags follow from its rem0's tag by units: corner r + 1
+// is corner r plus one in every coordinate, less d + 1 in the coordinate of rank
+// d - r. A corner whose tag is the previous point's same corner (about 3/4 of the
+// Gaussian's, 3/5 of the bilateral's on photos) takes that id without a probe. Points
+// go in batches: the batch's corner tags first, with the slots of the probes to come
+// prefetched (they miss the caches), then the probes in point order.
+void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, uint64_t ones,
+                           const uint64_t* step_down, KeyTable& table, int32_t* vertex) {
+  const int corners = dim + 1;
+  constexpr int64_t kBatch = 64;
+  uint64_t tags[kBatch + 1][kMaxFeatureDim + 1];  // row 0: the previous batch's last point
+  for (int64_t first = 0; first < num_points; first += kBatch) {
+    const int64_t count = std::min(kBatch, num_points - first);
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t* rem0 = simplex + (first + i) * 2 * corners;
+      const int32_t* rank = rem0 + corners;
+      int coordinate_of_rank[kMaxFeatureDim + 1];
+      for (int c = 0; c <= dim; ++c) coordinate_of_rank[rank[c]] = c;
+      uint64_t* tag = tags[i + 1];
+      tag[0] = table.tag(rem0);
+      for (int r = 0; r < dim; ++r) {
+        tag[r + 1] = tag[r] + ones - step_down[coordinate_of_rank[dim - r]];
+      }
+      for (int r = 0; r <= dim; ++r) {
+        if (first + i == 0 || tag[r] != tags[i][r]) table.prefetch(tag[r]);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      int32_t* ids = vertex + (first + i) * corners;
+      for (int r = 0; r <= dim; ++r) {
+        const uint64_t tag = tags[i + 1][r];
+        ids[r] = first + i > 0 && tag == tags[i][r] ? ids[r - corners]
+                                                     : table.find_or_insert(nullptr, tag) + 1;
+      }
+    }
+    std::copy(tags[count], tags[count] + corners, tags[0]);
+  }
+}
+
+// The same for hashed tags, from the keys: a point in the previous point's simplex
+// copies its ids.
+void assign_vertices_hashed(const int32_t* simplex, int dim, int64_t num_points,
+                            KeyTable& table, int32_t* vertex) {
+  const int corners = dim + 1;
+  int32_t key[kMaxFeatureDim];
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int32_t* rem0 = simplex + p * 2 * corners;
+    int32_t* ids = vertex + p * corners;
+    bool same_simplex = p > 0;
+    for (int i = 0; i < 2 * corners && same_simplex; ++i) {
+      same_simplex = rem0[i] == rem0[i - 2 * corners];
+    }
+    if (same_simplex) {
+      std::copy(ids - corners, ids, ids);
+      continue;
+    }
+    const int32_t* rank = rem0 + corners;
+    for (int r = 0; r <= dim; ++r) {
+      for (int i = 0; i < dim; ++i) key[i] = vertex_key(rem0, rank, dim, r, i);
+      ids[r] = table.find_or_insert(key) + 1;
+    }
+  }
+}
+
 // features: (d, N) at row stride `stride`, all finite (the embedding converts them to
 // integers).
 Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t num_points,
@@ -430,9 +506,8 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
                   }
                 });
 
-  // Give every distinct vertex an id (sequential). Neighbouring pixels usually lie
-  // in the same simplex: their vertex ids are then copied instead of looked up.
-  // The origin is among the points' rem0 for pydensecrf's padding points below.
+  // Bounds of the remainder-0 points, for the tag packing. The origin is among them
+  // for pydensecrf's padding points below.
   int32_t lowest[kMaxFeatureDim] = {}, highest[kMaxFeatureDim] = {};
   for (int64_t p = 0; p < num_points; ++p) {
     const int32_t* rem0 = simplex.data() + p * 2 * corners;
@@ -442,33 +517,18 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     }
   }
   KeyTable table(dim, key_packing(lowest, highest, dim), num_points / 16);
-  int32_t key[kMaxFeatureDim];
-  // With exact tags, a corner whose key is the previous point's same corner (about
-  // 3/4 of the Gaussian's corners, 3/5 of the bilateral's on photos) takes its id
-  // without a table probe.
-  uint64_t previous_tag[kMaxFeatureDim + 1];
-  for (int64_t p = 0; p < num_points; ++p) {
-    const int32_t* rem0 = simplex.data() + p * 2 * corners;
-    int32_t* ids = lattice.vertex.data() + p * corners;
-    bool same_simplex = p > 0;
-    for (int i = 0; i < 2 * corners && same_simplex; ++i) {
-      same_simplex = rem0[i] == rem0[i - 2 * corners];
-    }
-    if (same_simplex) {
-      std::copy(ids - corners, ids, ids);
-      continue;
-    }
-    const int32_t* rank = rem0 + corners;
-    for (int r = 0; r <= dim; ++r) {
-      for (int i = 0; i < dim; ++i) key[i] = vertex_key(rem0, rank, dim, r, i);
-      const uint64_t tag = table.tag(key);
-      if (p > 0 && table.exact() && tag == previous_tag[r]) {
-        ids[r] = ids[r - corners];
-      } else {
-        ids[r] = table.find_or_insert(key, tag) + 1;
-        previous_tag[r] = tag;
-      }
-    }
+  // tags + ones - step_down[i]: every coordinate plus one, coordinate i less d + 1
+  // (the implicit coordinate d is not in the key).
+  uint64_t ones = 0, step_down[kMaxFeatureDim + 1] = {};
+  for (int i = 0; i < dim && table.exact(); ++i) {
+    ones += table.packing().unit(i);
+    step_down[i] = static_cast<uint64_t>(corners) * table.packing().unit(i);
+  }
+  if (table.exact()) {
+    assign_vertices_exact(simplex.data(), dim, num_points, ones, step_down, table,
+                          lattice.vertex.data());
+  } else {
+    assign_vertices_hashed(simplex.data(), dim, num_points, table, lattice.vertex.data());
   }
   // pydensecrf embeds points four at a time and fills the last block with points at
   // the origin. Their vertices splat nothing but join the blur graph, so they change
@@ -478,6 +538,7 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     int32_t origin_rem0[kMaxFeatureDim + 1] = {};
     int32_t origin_rank[kMaxFeatureDim + 1];
     for (int i = 0; i <= dim; ++i) origin_rank[i] = i;
+    int32_t key[kMaxFeatureDim];
     for (int r = 0; r <= dim; ++r) {
       for (int i = 0; i < dim; ++i) key[i] = vertex_key(origin_rem0, origin_rank, dim, r, i);
       table.find_or_insert(key);
@@ -489,7 +550,7 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
 
   // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table),
   // in batches of vertices: all their neighbours' tags first, slots prefetched, then
-  // the lookups.
+  // the lookups. With exact tags a neighbour's tag is the vertex's plus or minus units.
   constexpr int64_t kBatch = 32;
   lattice.neighbours.resize(corners * vertices * 2);
   for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
@@ -511,22 +572,28 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     for (int64_t first = begin; first < end; first += kBatch) {
       const int64_t last = std::min(end, first + kBatch);
       for (int64_t v = first; v < last; ++v) {
+        uint64_t* out = tags[v - first];
+        const uint64_t tag = table.vertex_tag(static_cast<int32_t>(v));
         for (int axis = 0; axis <= dim; ++axis) {
-          neighbour_keys(v, axis);
-          for (int side = 0; side < 2; ++side) {
-            const uint64_t tag = table.tag(neighbour[side]);
-            tags[v - first][2 * axis + side] = tag;
-            table.prefetch(tag);
+          if (table.exact()) {
+            out[2 * axis] = tag - ones + step_down[axis];
+            out[2 * axis + 1] = tag + ones - step_down[axis];
+          } else {
+            neighbour_keys(v, axis);
+            out[2 * axis] = table.tag(neighbour[0]);
+            out[2 * axis + 1] = table.tag(neighbour[1]);
           }
+          table.prefetch(out[2 * axis]);
+          table.prefetch(out[2 * axis + 1]);
         }
       }
       for (int64_t v = first; v < last; ++v) {
         for (int axis = 0; axis <= dim; ++axis) {
-          neighbour_keys(v, axis);
+          if (!table.exact()) neighbour_keys(v, axis);
           int32_t* out = lattice.neighbours.data() + (axis * vertices + v) * 2;
           for (int side = 0; side < 2; ++side) {
             const uint64_t tag = tags[v - first][2 * axis + side];
-            out[side] = table.find(neighbour[side], tag) + 1;
+            out[side] = table.find(table.exact() ? nullptr : neighbour[side], tag) + 1;
           }
         }
       }
