@@ -687,7 +687,7 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
 struct Compatibility {
   CompatKind kind = kPotts;
   float potts = 0.0f;
-  std::vector<float> weights;  // (Mp) diagonal, or (M, Mp) symmetrised matrix rows
+  LargeBuffer<float> weights;  // (Mp) diagonal, or (M, Mp) symmetrised matrix rows
 };
 
 Compatibility read_compatibility(const at::Tensor& tensor, int64_t labels, int64_t stride) {
@@ -768,60 +768,87 @@ inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool s
   }
 }
 
-// The point's q into the splat buffer; the normaliser goes into the weight: (w n) q
-// where pydensecrf has w (n q).
-template <int kCorners>
-inline void splat_rows(const KernelStep& step, int64_t p, int64_t chunks, const Lanes* q) {
+// Splats pixels [first, first + count) of a block, q rows `q` (count, chunks), into
+// this task's buffer. With the normaliser, a pixel adds w (n q), pydensecrf's order:
+// n q once per pixel, then the weight straight from memory per vertex.
+template <int kCorners, int kChunks>
+void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t chunks,
+                 const Lanes* q) {
   const int corners = kCorners > 0 ? kCorners : step.corners;
+  if constexpr (kChunks > 0) chunks = kChunks;
   const int64_t stride = chunks * kLanes;
-  const int32_t* ids = step.ids + p * corners;
-  const float* weights = step.weights + p * corners;
-  const float n = step.scale_before ? step.norm[p] : 1.0f;
-  for (int r = 0; r < corners; ++r) {
-    Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
-    const Lanes w = broadcast(weights[r] * n);
-    for (int64_t j = 0; j < chunks; ++j) row[j] = multiply_add(w, q[j], row[j]);
+  Lanes scaled[kChunks > 0 ? kChunks : 1];
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = first + i;
+    const int32_t* ids = step.ids + p * corners;
+    const float* weights = step.weights + p * corners;
+    const Lanes* values = q + i * chunks;
+    if constexpr (kChunks > 0) {
+      if (step.scale_before) {
+        const Lanes n = broadcast(step.norm[p]);
+        for (int64_t j = 0; j < kChunks; ++j) scaled[j] = n * values[j];
+        values = scaled;
+      }
+    }
+    for (int r = 0; r < corners; ++r) {
+      Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
+      if constexpr (kChunks > 0) {
+        const Lanes w = broadcast(weights[r]);
+        for (int64_t j = 0; j < kChunks; ++j) row[j] = multiply_add(w, values[j], row[j]);
+      } else {
+        const float n = step.scale_before ? step.norm[p] : 1.0f;
+        for (int64_t j = 0; j < chunks; ++j) {
+          row[j] = multiply_add(broadcast(weights[r]), n * values[j], row[j]);
+        }
+      }
+    }
   }
 }
 
-// Energy of one point: -unary - sum_k compat_k(slice_k), the kernels only when the
-// pass slices. `filtered` is scratch of one label row.
-template <int kChunks>
-inline void point_energy(const MeanFieldPass& pass, const std::vector<KernelStep>& steps,
-                         int64_t p, int64_t chunks, Lanes* filtered, Lanes* energy) {
+// energies = base - compat(slice of the kernel) for pixels [first, first + count) of a
+// block, rows (count, chunks); `base` is -unary for the first kernel, `energies`
+// itself for the next. One call per kernel and block, so that what a kernel is (its
+// vertex count, compatibility, normalisation) is settled once per block, not per pixel.
+// `scratch_row` (one row) holds the slice when the stride is not fixed; with kChunks >
+// 0 it stays in registers.
+template <int kCorners, int kChunks>
+void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int64_t first,
+                         int64_t count, int64_t chunks, const Lanes* base, Lanes* scratch_row,
+                         Lanes* energies) {
+  if constexpr (kChunks > 0) chunks = kChunks;
   const int64_t stride = chunks * kLanes;
-  const Lanes* unary = as_lanes(pass.neg_unary + p * stride);
-  for (int64_t j = 0; j < chunks; ++j) energy[j] = unary[j];
-  if (!pass.slice) return;
-  for (const KernelStep& step : steps) {
-    switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
-      case 3: slice_rows<3>(step, p, chunks, pass.sequential_rounding, filtered); break;
-      case 6: slice_rows<6>(step, p, chunks, pass.sequential_rounding, filtered); break;
-      default: slice_rows<0>(step, p, chunks, pass.sequential_rounding, filtered); break;
-    }
+  const Compatibility& compat = *step.compat;
+  const Lanes potts = broadcast(compat.potts);
+  Lanes filtered_row[kChunks > 0 ? kChunks : 1];
+  Lanes* filtered = kChunks > 0 ? filtered_row : scratch_row;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = first + i;
+    slice_rows<kCorners>(step, p, chunks, pass.sequential_rounding, filtered);
     if (step.scale_after) {
       const float n = step.norm[p];
       for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
     }
+    const Lanes* in = base + i * chunks;
+    Lanes* out = energies + i * chunks;
     // energy -= compat(filtered), pydensecrf's convention (Potts: += w * filtered).
-    const Compatibility& compat = *step.compat;
     if (compat.kind == kPotts) {
-      const Lanes potts = broadcast(compat.potts);
-      for (int64_t j = 0; j < chunks; ++j) energy[j] = multiply_add(potts, filtered[j], energy[j]);
+      for (int64_t j = 0; j < chunks; ++j) out[j] = multiply_add(potts, filtered[j], in[j]);
     } else if (compat.kind == kDiagonal) {
       const Lanes* v = as_lanes(compat.weights.data());
-      for (int64_t j = 0; j < chunks; ++j) energy[j] -= v[j] * filtered[j];
+      for (int64_t j = 0; j < chunks; ++j) out[j] = in[j] - v[j] * filtered[j];
     } else if constexpr (kChunks == 0) {
       // Matrix compatibilities index single labels, which would force a fixed-stride
       // instantiation's rows out of registers: they run in this one only.
       const int64_t labels = pass.labels;
       const float* f = reinterpret_cast<const float*>(filtered);
-      float* e = reinterpret_cast<float*>(energy);
-      for (int64_t i = 0; i < labels; ++i) {
-        const float* row = compat.weights.data() + i * stride;
+      const float* e_in = reinterpret_cast<const float*>(in);
+      float* e = reinterpret_cast<float*>(out);
+      for (int64_t c = labels; c < stride; ++c) e[c] = e_in[c];
+      for (int64_t c = 0; c < labels; ++c) {
+        const float* row = compat.weights.data() + c * stride;
         float sum = 0.0f;
         for (int64_t l = 0; l < labels; ++l) sum += row[l] * f[l];
-        e[i] -= sum;
+        e[c] = e_in[c] - sum;
       }
     }
   }
@@ -849,10 +876,11 @@ inline void softmax_row(const Lanes* energy, int64_t chunks, Lanes last_chunk_ma
 // the label stride at compile time, so that a pixel's rows stay in registers; 0 reads
 // it from the pass.
 //
-// The work goes block by block in three phases (energies, softmaxes, splats): one
-// pixel's chain of slice -> softmax -> splat is long and serial, and a loop over whole
-// chains leaves the CPU little to overlap; within a phase every pixel's work is
-// independent of the previous one's. Each kernel's rows still receive their splats in
+// The work goes block by block in phases (each kernel's messages, softmaxes, each
+// kernel's splats): one pixel's chain of slice -> softmax -> splat is long and
+// serial, and a loop over whole chains leaves the CPU little to overlap; within a
+// phase every pixel's work is independent of the previous one's, and what a kernel
+// is gets settled once per block. Each kernel's rows still receive their splats in
 // pixel order, so the sums are those of a pixel-by-pixel pass.
 template <int kChunks>
 void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
@@ -878,37 +906,46 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   }
   // Per block: energies and q rows (q in pass.q itself when it is kept), and one row
   // of slice scratch; all of it stays in L1.
-  std::vector<float> scratch((2 * kBlockPoints + 1) * stride);
+  LargeBuffer<float> scratch((2 * kBlockPoints + 1) * stride);  // cache-line aligned
   Lanes* energies = as_lanes(scratch.data());
   Lanes* q_block = energies + kBlockPoints * chunks;
-  Lanes* filtered = q_block + kBlockPoints * chunks;
+  Lanes* scratch_row = q_block + kBlockPoints * chunks;
 
   for (int64_t block = begin; block < end; block += kBlockPoints) {
     const int64_t count = std::min(kBlockPoints, end - block);
     Lanes* q_rows = as_lanes(pass.q + block * stride);
     if (pass.update_q) {
-      for (int64_t i = 0; i < count; ++i) {
-        if constexpr (kChunks > 0) {
-          Lanes energy[kChunks], filtered_row[kChunks];  // in registers
-          point_energy<kChunks>(pass, steps, block + i, chunks, filtered_row, energy);
-          for (int64_t j = 0; j < chunks; ++j) energies[i * chunks + j] = energy[j];
-        } else {
-          point_energy<0>(pass, steps, block + i, chunks, filtered, energies + i * chunks);
+      const Lanes* unary = as_lanes(pass.neg_unary + block * stride);
+      const Lanes* base = unary;  // the energies so far
+      if (pass.slice) {
+        for (const KernelStep& step : steps) {
+          switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
+            case 3:
+              add_kernel_messages<3, kChunks>(pass, step, block, count, chunks, base, scratch_row,
+                                              energies);
+              break;
+            case 6:
+              add_kernel_messages<6, kChunks>(pass, step, block, count, chunks, base, scratch_row,
+                                              energies);
+              break;
+            default:
+              add_kernel_messages<0, kChunks>(pass, step, block, count, chunks, base, scratch_row,
+                                              energies);
+          }
+          base = energies;
         }
       }
       if (!pass.store_q) q_rows = q_block;
       for (int64_t i = 0; i < count; ++i) {
-        softmax_row(energies + i * chunks, chunks, pass.last_chunk_mask, q_rows + i * chunks);
+        softmax_row(base + i * chunks, chunks, pass.last_chunk_mask, q_rows + i * chunks);
       }
     }
     if (!do_splat) continue;
     for (const KernelStep& step : steps) {
-      for (int64_t i = 0; i < count; ++i) {
-        switch (step.corners) {
-          case 3: splat_rows<3>(step, block + i, chunks, q_rows + i * chunks); break;
-          case 6: splat_rows<6>(step, block + i, chunks, q_rows + i * chunks); break;
-          default: splat_rows<0>(step, block + i, chunks, q_rows + i * chunks); break;
-        }
+      switch (step.corners) {
+        case 3: splat_block<3, kChunks>(step, block, count, chunks, q_rows); break;
+        case 6: splat_block<6, kChunks>(step, block, count, chunks, q_rows); break;
+        default: splat_block<0, kChunks>(step, block, count, chunks, q_rows); break;
       }
     }
   }

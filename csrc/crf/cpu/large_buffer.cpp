@@ -13,7 +13,8 @@ namespace crf {
 namespace {
 
 constexpr size_t kHugePage = size_t{2} << 20;
-constexpr size_t kLargeBlock = kHugePage / 2;  // smaller blocks are plain malloc
+constexpr size_t kCacheLine = 64;
+constexpr size_t kLargeBlock = kHugePage / 2;  // smaller blocks are not pooled
 
 struct LargeBlockPool {
   std::mutex mutex;
@@ -32,7 +33,8 @@ LargeBlockPool& pool() {
 
 void* allocate_large(size_t bytes) {
   if (bytes < kLargeBlock) {
-    void* block = std::malloc(bytes > 0 ? bytes : 1);
+    // Cache-line aligned, so that rows of whole vectors never straddle two lines.
+    void* block = std::aligned_alloc(kCacheLine, (bytes + kCacheLine) / kCacheLine * kCacheLine);
     if (block == nullptr) throw std::bad_alloc();
     return block;
   }

@@ -22,7 +22,8 @@ namespace crf {
 
 constexpr size_t kLargeBlockPoolLimit = size_t{256} << 20;
 
-// A block of `bytes`; release it with release_large and the same `bytes`.
+// A block of `bytes`, aligned to at least a cache line; release it with release_large
+// and the same `bytes`.
 void* allocate_large(size_t bytes);
 void release_large(void* block, size_t bytes) noexcept;
 
