@@ -429,39 +429,27 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
 // exact tags. A point's corner tags follow from its rem0's tag by units: corner r + 1
 // is corner r plus one in every coordinate, less d + 1 in the coordinate of rank
 // d - r. A corner whose tag is the previous point's same corner (about 3/4 of the
-// Gaussian's, 3/5 of the bilateral's on photos) takes that id without a probe. Points
-// go in batches: the batch's corner tags first, with the slots of the probes to come
-// prefetched (they miss the caches), then the probes in point order.
+// Gaussian's, 3/5 of the bilateral's on photos) takes that id without a probe.
+// (Prefetching the probes' slots a batch of points ahead made this slower.)
 void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, uint64_t ones,
                            const uint64_t* step_down, KeyTable& table, int32_t* vertex) {
   const int corners = dim + 1;
-  constexpr int64_t kBatch = 64;
-  uint64_t tags[kBatch + 1][kMaxFeatureDim + 1];  // row 0: the previous batch's last point
-  for (int64_t first = 0; first < num_points; first += kBatch) {
-    const int64_t count = std::min(kBatch, num_points - first);
-    for (int64_t i = 0; i < count; ++i) {
-      const int32_t* rem0 = simplex + (first + i) * 2 * corners;
-      const int32_t* rank = rem0 + corners;
-      int coordinate_of_rank[kMaxFeatureDim + 1];
-      for (int c = 0; c <= dim; ++c) coordinate_of_rank[rank[c]] = c;
-      uint64_t* tag = tags[i + 1];
-      tag[0] = table.tag(rem0);
-      for (int r = 0; r < dim; ++r) {
-        tag[r + 1] = tag[r] + ones - step_down[coordinate_of_rank[dim - r]];
-      }
-      for (int r = 0; r <= dim; ++r) {
-        if (first + i == 0 || tag[r] != tags[i][r]) table.prefetch(tag[r]);
-      }
+  uint64_t tag[kMaxFeatureDim + 1], previous[kMaxFeatureDim + 1];
+  for (int64_t p = 0; p < num_points; ++p) {
+    const int32_t* rem0 = simplex + p * 2 * corners;
+    const int32_t* rank = rem0 + corners;
+    int coordinate_of_rank[kMaxFeatureDim + 1];
+    for (int c = 0; c <= dim; ++c) coordinate_of_rank[rank[c]] = c;
+    tag[0] = table.tag(rem0);
+    for (int r = 0; r < dim; ++r) {
+      tag[r + 1] = tag[r] + ones - step_down[coordinate_of_rank[dim - r]];
     }
-    for (int64_t i = 0; i < count; ++i) {
-      int32_t* ids = vertex + (first + i) * corners;
-      for (int r = 0; r <= dim; ++r) {
-        const uint64_t tag = tags[i + 1][r];
-        ids[r] = first + i > 0 && tag == tags[i][r] ? ids[r - corners]
-                                                     : table.find_or_insert(nullptr, tag) + 1;
-      }
+    int32_t* ids = vertex + p * corners;
+    for (int r = 0; r <= dim; ++r) {
+      ids[r] = p > 0 && tag[r] == previous[r] ? ids[r - corners]
+                                              : table.find_or_insert(nullptr, tag[r]) + 1;
+      previous[r] = tag[r];
     }
-    std::copy(tags[count], tags[count] + corners, tags[0]);
   }
 }
 
