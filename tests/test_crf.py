@@ -320,6 +320,27 @@ def test_dense_crf_batch_equals_single_images():
         torch.testing.assert_close(batched[b : b + 1], single, rtol=0, atol=1e-6)
 
 
+@pytest.fixture
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_one_thread_blur_wavefront_matches_reference(one_thread):
+    """With one thread, a lattice of megabytes whose blur neighbours lie close in id
+    (the Gaussian kernel at sxy = 1: a vertex for about every pixel) is blurred as a
+    wavefront over chunks of vertices (csrc/crf/cpu/dense_crf_cpu.cpp, blur); every
+    vertex must still get the plain passes' arithmetic."""
+    image = small_photo(PHOTOS[1], 203, 151)  # ~35k Gaussian vertices x 24 floats: 3.4 MB
+    unary = unary_from_softmax(synthetic_softmax(image, 21, seed=3))
+    gaussian, bilateral = (1, 3.0), (121, 5, 4.0)
+    ours = crf_2d(wcrf, image, unary, gaussian, bilateral).inference(10)
+    expected = reference_2d(image, unary, gaussian, bilateral, 10, wcrf.NORMALIZE_SYMMETRIC)
+    assert_marginals_match(ours, expected)
+
+
 def test_reused_buffers_change_no_result():
     """Buffers of a megabyte and more are pooled between calls (csrc/crf/cpu/
     large_buffer.h): a live output must never be handed out again, and a recycled

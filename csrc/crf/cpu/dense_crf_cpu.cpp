@@ -278,6 +278,7 @@ struct Lattice {
   LargeBuffer<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
   LargeBuffer<float> weight;         // (N, d+1) barycentric weights
   LargeBuffer<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
+  int64_t neighbour_span = 0;        // largest |neighbour id - vertex id|
 };
 
 // Splits [0, count) into `tasks` contiguous chunks and runs body(task, begin, end).
@@ -604,37 +605,123 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
       }
     }
   });
+  // The largest |neighbour id - vertex id|, for the blur's wavefront.
+  int32_t span = 0;
+  for (int axis = 0; axis <= dim; ++axis) {
+    const int32_t* pairs = lattice.neighbours.data() + axis * vertices * 2;
+    for (int32_t v = 0; v < static_cast<int32_t>(vertices); ++v) {
+      for (int side = 0; side < 2; ++side) {
+        const int32_t distance = pairs[2 * v + side] - 1 - v;  // id + 1, 0 when missing
+        if (pairs[2 * v + side] > 0) span = std::max(span, std::max(distance, -distance));
+      }
+    }
+  }
+  lattice.neighbour_span = span;
   return lattice;
 }
 
-// One blur pass per axis over `channels`-wide rows; returns the buffer holding the
-// result (either `values` or `scratch`). Row 0 stays zero in both. pydensecrf blurs
-// in double for at most two channels, in float otherwise (`sequential_rounding`).
+// One axis of the blur for vertices [begin, end): out(v) = in(v) + (in(n1) + in(n2)) / 2
+// with n1, n2 the vertex's neighbours along `axis`. `in(id)` gives the row of id + 1
+// (row 0: a missing neighbour, all zero), `out(v)` the row to write for vertex v.
+// pydensecrf blurs in double for at most two channels, in float otherwise
+// (`sequential_rounding`).
+template <typename InRow, typename OutRow>
+void blur_vertices(const Lattice& lattice, int axis, int64_t channels, bool sequential_rounding,
+                   const InRow& in, const OutRow& out_row, int64_t begin, int64_t end) {
+  const int32_t* pairs = lattice.neighbours.data() + axis * lattice.num_vertices * 2;
+  const Lanes half = broadcast(0.5f);
+  for (int64_t v = begin; v < end; ++v) {
+    const float* self = in(v + 1);
+    const float* first = in(pairs[2 * v]);
+    const float* second = in(pairs[2 * v + 1]);
+    float* out = out_row(v);
+    if (sequential_rounding) {
+      for (int64_t c = 0; c < channels; ++c) {
+        out[c] = static_cast<float>(self[c] + 0.5 * (first[c] + second[c]));
+      }
+    } else {
+      for (int64_t j = 0; j < channels / kLanes; ++j) {
+        as_lanes(out)[j] =
+            multiply_add(half, as_lanes(first)[j] + as_lanes(second)[j], as_lanes(self)[j]);
+      }
+    }
+  }
+}
+
+// Smallest chunk of the blur's wavefront, in vertices, and the smallest buffer worth a
+// wavefront (below it the plain passes run in L2 anyway).
+constexpr int64_t kMinBlurChunk = 256;
+constexpr int64_t kMinWavefrontBytes = int64_t{1} << 21;
+
+// One blur pass per axis over `values` ((V + 1) rows of `channels` floats, row 0
+// zero); `scratch` is a second such buffer. Returns the one holding the result.
+//
+// Axis j reads the output of axis j - 1 at a vertex and its two neighbours. Plainly
+// that is one pass over every vertex per axis, alternating the two buffers: a lattice
+// of megabytes (the Gaussian kernel at sxy = 1 has a vertex for about every pixel)
+// then streams through memory d + 1 times. When no neighbour is further than a chunk
+// of vertices away in id (ids follow the pixels, and so do grid neighbours), one
+// thread instead runs the axes as a wavefront over chunks, axis j one chunk behind
+// axis j - 1: the first axis reads `values`, the intermediate axes write rings of
+// four chunks that stay in cache (a ring holds the three chunks the next axis reads),
+// and the last axis writes back into `values`, d chunks behind the first axis, into
+// chunks the first axis has read for the last time. Every vertex gets the same
+// arithmetic as in the plain passes.
 float* blur(const Lattice& lattice, float* values, float* scratch, int64_t channels,
             bool sequential_rounding, int64_t threads) {
   const int64_t vertices = lattice.num_vertices;
-  for (int axis = 0; axis <= lattice.dim; ++axis) {
-    const int32_t* pairs = lattice.neighbours.data() + axis * vertices * 2;
+  const int axes = lattice.dim + 1;
+  int64_t chunk = kMinBlurChunk;
+  while (chunk < lattice.neighbour_span) chunk *= 2;
+  const int64_t bytes = (vertices + 1) * channels * static_cast<int64_t>(sizeof(float));
+  if (threads == 1 && axes >= 2 && vertices > 8 * chunk && bytes >= kMinWavefrontBytes) {
+    const int64_t ring = 4 * chunk;  // rows per ring; a power of two
+    LargeBuffer<float> rings((axes - 1) * ring * channels + channels, 0.0f);
+    const float* zero_row = rings.data() + (axes - 1) * ring * channels;
+    auto ring_in = [&](int a) {  // rows of axis a's output, a < axes - 1
+      const float* base = rings.data() + a * ring * channels;
+      return [=](int64_t id) {
+        return id == 0 ? zero_row : base + ((id - 1) & (ring - 1)) * channels;
+      };
+    };
+    auto ring_out = [&](int a) {
+      float* base = rings.data() + a * ring * channels;
+      return [=](int64_t v) { return base + (v & (ring - 1)) * channels; };
+    };
+    auto full_in = [&](int64_t id) -> const float* { return values + id * channels; };
+    auto full_out = [&](int64_t v) { return values + (v + 1) * channels; };
+    const int64_t chunks = (vertices + chunk - 1) / chunk;
+    for (int64_t wave = 0; wave < chunks + axes - 1; ++wave) {
+      for (int axis = 0; axis < axes; ++axis) {
+        const int64_t c = wave - axis;
+        if (c < 0 || c >= chunks) continue;
+        const int64_t begin = c * chunk, end = std::min(vertices, begin + chunk);
+        const bool first = axis == 0, last = axis == axes - 1;
+        if (first && last) {
+          blur_vertices(lattice, axis, channels, sequential_rounding, full_in, full_out, begin,
+                        end);
+        } else if (first) {
+          blur_vertices(lattice, axis, channels, sequential_rounding, full_in, ring_out(axis),
+                        begin, end);
+        } else if (last) {
+          blur_vertices(lattice, axis, channels, sequential_rounding, ring_in(axis - 1),
+                        full_out, begin, end);
+        } else {
+          blur_vertices(lattice, axis, channels, sequential_rounding, ring_in(axis - 1),
+                        ring_out(axis), begin, end);
+        }
+      }
+    }
+    return values;
+  }
+  for (int axis = 0; axis < axes; ++axis) {
     const float* old_values = values;
     float* new_values = scratch;
     for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
-      const Lanes half = broadcast(0.5f);
-      for (int64_t v = begin; v < end; ++v) {
-        const float* self = old_values + (v + 1) * channels;
-        const float* first = old_values + int64_t{pairs[2 * v]} * channels;
-        const float* second = old_values + int64_t{pairs[2 * v + 1]} * channels;
-        float* out = new_values + (v + 1) * channels;
-        if (sequential_rounding) {
-          for (int64_t c = 0; c < channels; ++c) {
-            out[c] = static_cast<float>(self[c] + 0.5 * (first[c] + second[c]));
-          }
-        } else {
-          for (int64_t j = 0; j < channels / kLanes; ++j) {
-            as_lanes(out)[j] =
-                multiply_add(half, as_lanes(first)[j] + as_lanes(second)[j], as_lanes(self)[j]);
-          }
-        }
-      }
+      blur_vertices(
+          lattice, axis, channels, sequential_rounding,
+          [&](int64_t id) { return old_values + id * channels; },
+          [&](int64_t v) { return new_values + (v + 1) * channels; }, begin, end);
     });
     std::swap(values, scratch);
   }
