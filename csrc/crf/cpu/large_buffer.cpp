@@ -4,6 +4,9 @@
 #include <mutex>
 #include <unordered_map>
 
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -23,9 +26,18 @@ struct LargeBlockPool {
   size_t idle_bytes = 0;
 };
 
-// Never destroyed: tensors holding pooled blocks may be released during exit.
+// Never destroyed: tensors holding pooled blocks may be released during exit. The
+// mutex is held across fork() (DataLoader workers fork while other threads may be
+// running a CRF with the GIL released), so a child never inherits it locked.
 LargeBlockPool& pool() {
-  static LargeBlockPool* instance = new LargeBlockPool;
+  static LargeBlockPool* instance = [] {
+    auto* created = new LargeBlockPool;
+#if defined(__unix__)
+    pthread_atfork([] { pool().mutex.lock(); }, [] { pool().mutex.unlock(); },
+                   [] { pool().mutex.unlock(); });
+#endif
+    return created;
+  }();
   return *instance;
 }
 
