@@ -9,6 +9,11 @@ Differences, all on the safe side: float64/float16 or non-contiguous inputs are
 converted instead of rejected; wrong shapes, non-finite values and non-positive
 standard deviations raise a ValueError naming the argument. ``device`` runs the
 inference on a CUDA device when the extension has CUDA kernels.
+
+Memory: on the CPU, buffers of a megabyte and more (marginals, lattices) come from a
+pool that keeps up to 256 MiB of released buffers (the oldest go first) for later
+calls, so a run over a dataset does not pay the page faults of fresh memory for every
+image.
 """
 
 from collections.abc import Sequence

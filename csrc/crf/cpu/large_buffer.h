@@ -8,8 +8,7 @@
 // transparent huge pages (MADV_HUGEPAGE: Linux's default THP mode, "madvise", grants
 // them only on request), and kept for reuse once released, so that a run over a
 // dataset of images faults in its buffers once, not once per image. The pool keeps at
-// most kLargeBlockPoolLimit bytes of released blocks (the oldest go first), never more
-// than the process's own peak of CRF buffers.
+// most kLargeBlockPoolLimit bytes of released blocks; the oldest go first.
 #pragma once
 
 #include <cstddef>
