@@ -625,10 +625,12 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
 // with n1, n2 the vertex's neighbours along `axis`. `in(id)` gives the row of id + 1
 // (row 0: a missing neighbour, all zero), `out(v)` the row to write for vertex v.
 // pydensecrf blurs in double for at most two channels, in float otherwise
-// (`sequential_rounding`).
+// (`sequential_rounding`); the double loop runs over the `used` channels only (the
+// labels: the padding channels are zero everywhere and stay so).
 template <typename InRow, typename OutRow>
-void blur_vertices(const Lattice& lattice, int axis, int64_t channels, bool sequential_rounding,
-                   const InRow& in, const OutRow& out_row, int64_t begin, int64_t end) {
+void blur_vertices(const Lattice& lattice, int axis, int64_t channels, int64_t used,
+                   bool sequential_rounding, const InRow& in, const OutRow& out_row,
+                   int64_t begin, int64_t end) {
   const int32_t* pairs = lattice.neighbours.data() + axis * lattice.num_vertices * 2;
   const Lanes half = broadcast(0.5f);
   for (int64_t v = begin; v < end; ++v) {
@@ -637,7 +639,7 @@ void blur_vertices(const Lattice& lattice, int axis, int64_t channels, bool sequ
     const float* second = in(pairs[2 * v + 1]);
     float* out = out_row(v);
     if (sequential_rounding) {
-      for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t c = 0; c < used; ++c) {
         out[c] = static_cast<float>(self[c] + 0.5 * (first[c] + second[c]));
       }
     } else {
@@ -654,8 +656,9 @@ void blur_vertices(const Lattice& lattice, int axis, int64_t channels, bool sequ
 constexpr int64_t kMinBlurChunk = 256;
 constexpr int64_t kMinWavefrontBytes = int64_t{1} << 21;
 
-// One blur pass per axis over `values` ((V + 1) rows of `channels` floats, row 0
-// zero); `scratch` is a second such buffer. Returns the one holding the result.
+// One blur pass per axis over `values` ((V + 1) rows of `channels` floats, the first
+// `used` of them data, row 0 zero); `scratch` is a second such buffer. Returns the one
+// holding the result.
 //
 // Axis j reads the output of axis j - 1 at a vertex and its two neighbours. Plainly
 // that is one pass over every vertex per axis, alternating the two buffers: a lattice
@@ -669,7 +672,7 @@ constexpr int64_t kMinWavefrontBytes = int64_t{1} << 21;
 // chunks the first axis has read for the last time. Every vertex gets the same
 // arithmetic as in the plain passes.
 float* blur(const Lattice& lattice, float* values, float* scratch, int64_t channels,
-            bool sequential_rounding, int64_t threads) {
+            int64_t used, bool sequential_rounding, int64_t threads) {
   const int64_t vertices = lattice.num_vertices;
   const int axes = lattice.dim + 1;
   int64_t chunk = kMinBlurChunk;
@@ -698,18 +701,17 @@ float* blur(const Lattice& lattice, float* values, float* scratch, int64_t chann
         if (c < 0 || c >= chunks) continue;
         const int64_t begin = c * chunk, end = std::min(vertices, begin + chunk);
         const bool first = axis == 0, last = axis == axes - 1;
+        auto run = [&](const auto& in, const auto& out) {
+          blur_vertices(lattice, axis, channels, used, sequential_rounding, in, out, begin, end);
+        };
         if (first && last) {
-          blur_vertices(lattice, axis, channels, sequential_rounding, full_in, full_out, begin,
-                        end);
+          run(full_in, full_out);
         } else if (first) {
-          blur_vertices(lattice, axis, channels, sequential_rounding, full_in, ring_out(axis),
-                        begin, end);
+          run(full_in, ring_out(axis));
         } else if (last) {
-          blur_vertices(lattice, axis, channels, sequential_rounding, ring_in(axis - 1),
-                        full_out, begin, end);
+          run(ring_in(axis - 1), full_out);
         } else {
-          blur_vertices(lattice, axis, channels, sequential_rounding, ring_in(axis - 1),
-                        ring_out(axis), begin, end);
+          run(ring_in(axis - 1), ring_out(axis));
         }
       }
     }
@@ -720,7 +722,7 @@ float* blur(const Lattice& lattice, float* values, float* scratch, int64_t chann
     float* new_values = scratch;
     for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
       blur_vertices(
-          lattice, axis, channels, sequential_rounding,
+          lattice, axis, channels, used, sequential_rounding,
           [&](int64_t id) { return old_values + id * channels; },
           [&](int64_t v) { return new_values + (v + 1) * channels; }, begin, end);
     });
@@ -763,7 +765,7 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
   LargeBuffer<float> values(rows, 0.0f);
   LargeBuffer<float> scratch(rows, 0.0f);
   for (int64_t i = 0; i < points * corners; ++i) values[lattice.vertex[i]] += lattice.weight[i];
-  const float* blurred = blur(lattice, values.data(), scratch.data(), 1, true, threads);
+  const float* blurred = blur(lattice, values.data(), scratch.data(), 1, 1, true, threads);
   const float alpha = lattice_alpha(dim);
   kernel.norm.resize(points);
   for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
@@ -1267,7 +1269,7 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   for (int64_t iteration = 0; iteration < iterations; ++iteration) {
     for (size_t k = 0; k < num_kernels; ++k) {
       float* result = blur(kernels[k]->lattice, values[k].data(), scratch[k].data(), stride,
-                           pass.sequential_rounding, threads);
+                           labels, pass.sequential_rounding, threads);
       if (result != values[k].data()) std::swap(values[k], scratch[k]);
       pass.blurred[k] = values[k].data();
     }
