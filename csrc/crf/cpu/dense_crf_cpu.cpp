@@ -135,10 +135,13 @@ struct KeyPacking {
   int64_t low[kMaxFeatureDim] = {};  // coordinate i is stored as key[i] - low[i]
   int shift[kMaxFeatureDim] = {};
 
-  // With exact tags, adding one to coordinate i adds unit(i) to the tag: keys differing
-  // by a few units (a simplex's corners, blur neighbours) have tags differing by sums
-  // of these, with no carry between fields (the packing leaves room for them).
-  uint64_t unit(int i) const { return uint64_t{1} << shift[i]; }
+  // With exact tags, adding one to coordinate i adds 1 << shift[i] to the tag, with no
+  // carry between fields (the packing leaves room for every key the lattice sees), so
+  // a simplex's corners and blur neighbours follow from a tag by additions:
+  // tag + ones - step_down[i] is the key with every coordinate plus one and coordinate
+  // i less d + 1 (step_down[d] = 0: the implicit coordinate d is not in the key).
+  uint64_t ones = 0;
+  uint64_t step_down[kMaxFeatureDim + 1] = {};
 
   uint64_t tag(const int32_t* key, int dim) const {
     uint64_t value = 0;
@@ -167,6 +170,10 @@ KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
     bits += 64 - __builtin_clzll(static_cast<uint64_t>(span));
   }
   packing.exact = bits <= 64;
+  for (int i = 0; i < dim && packing.exact; ++i) {
+    packing.ones += uint64_t{1} << packing.shift[i];
+    packing.step_down[i] = static_cast<uint64_t>(dim + 1) << packing.shift[i];
+  }
   return packing;
 }
 
@@ -433,9 +440,11 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
 // d - r. A corner whose tag is the previous point's same corner (about 3/4 of the
 // Gaussian's, 3/5 of the bilateral's on photos) takes that id without a probe.
 // (Prefetching the probes' slots a batch of points ahead made this slower.)
-void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, uint64_t ones,
-                           const uint64_t* step_down, KeyTable& table, int32_t* vertex) {
+void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, KeyTable& table,
+                           int32_t* vertex) {
   const int corners = dim + 1;
+  const uint64_t ones = table.packing().ones;
+  const uint64_t* step_down = table.packing().step_down;
   uint64_t tag[kMaxFeatureDim + 1], previous[kMaxFeatureDim + 1];
   for (int64_t p = 0; p < num_points; ++p) {
     const int32_t* rem0 = simplex + p * 2 * corners;
@@ -524,16 +533,8 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     }
   }
   KeyTable table(dim, key_packing(lowest, highest, dim), num_points / 16);
-  // tags + ones - step_down[i]: every coordinate plus one, coordinate i less d + 1
-  // (the implicit coordinate d is not in the key).
-  uint64_t ones = 0, step_down[kMaxFeatureDim + 1] = {};
-  for (int i = 0; i < dim && table.exact(); ++i) {
-    ones += table.packing().unit(i);
-    step_down[i] = static_cast<uint64_t>(corners) * table.packing().unit(i);
-  }
   if (table.exact()) {
-    assign_vertices_exact(simplex.data(), dim, num_points, ones, step_down, table,
-                          lattice.vertex.data());
+    assign_vertices_exact(simplex.data(), dim, num_points, table, lattice.vertex.data());
   } else {
     assign_vertices_hashed(simplex.data(), dim, num_points, table, lattice.vertex.data());
   }
@@ -583,8 +584,9 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
         const uint64_t tag = table.vertex_tag(static_cast<int32_t>(v));
         for (int axis = 0; axis <= dim; ++axis) {
           if (table.exact()) {
-            out[2 * axis] = tag - ones + step_down[axis];
-            out[2 * axis + 1] = tag + ones - step_down[axis];
+            const KeyPacking& packing = table.packing();
+            out[2 * axis] = tag - packing.ones + packing.step_down[axis];
+            out[2 * axis + 1] = tag + packing.ones - packing.step_down[axis];
           } else {
             neighbour_keys(v, axis);
             out[2 * axis] = table.tag(neighbour[0]);
