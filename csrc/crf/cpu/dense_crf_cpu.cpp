@@ -1020,25 +1020,16 @@ inline void softmax_row(const Lanes* energy, int64_t chunks, Lanes last_chunk_ma
   for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
 }
 
-// The -unary rows of a pass stream from memory (18 MB at 500x375, 21 labels), and the
-// hardware prefetchers let the slices wait for them: software prefetches into L2
-// (not L1, where they would evict lattice rows) a few blocks ahead cut PSA's
-// inference(10) from 116 to 109 ms (one thread; ahead 2 to 8 blocks measure alike,
-// prefetches into L1 made it 9 ms slower, and prefetching the lattice corners and
-// weights as well gained nothing more).
-constexpr int64_t kUnaryPrefetchBlocks = 4;
-
-inline void prefetch_unary(const float* neg_unary, int64_t stride, int64_t block, int64_t end) {
-  if (block + kBlockPoints > end) return;
-  const char* rows = reinterpret_cast<const char*>(neg_unary + block * stride);
-  const int64_t bytes = kBlockPoints * stride * static_cast<int64_t>(sizeof(float));
-  // Volatile assembly: GCC deletes a loop of prefetch builtins as free of side effects
-  // (and compiles the builtin's hint 2 to prefetcht0 on this target anyway).
+// Starts loading `bytes` from `data` into L2 (not L1, where lines that arrive early
+// evict lattice rows). Volatile assembly on x86: GCC deletes a loop of prefetch
+// builtins as free of side effects, and compiles the builtin's hint 2 to prefetcht0.
+inline void prefetch_into_l2(const void* data, int64_t bytes) {
+  const char* bytes_at = static_cast<const char*>(data);
   for (int64_t line = 0; line < bytes; line += 64) {
 #if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht1 %0" : : "m"(rows[line]));
+    asm volatile("prefetcht1 %0" : : "m"(bytes_at[line]));
 #else
-    __builtin_prefetch(rows + line, 0, 2);
+    __builtin_prefetch(bytes_at + line, 0, 2);
     asm volatile("");
 #endif
   }
@@ -1085,12 +1076,34 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   Lanes* q_block = energies + kBlockPoints * chunks;
   Lanes* scratch_row = q_block + kBlockPoints * chunks;
 
+  // A pass streams the per-point arrays from memory (at 500x375 with 21 labels: the
+  // -unary rows, 18 MB, and the kernels' corners, weights and normalisers, 15 MB), and
+  // the hardware prefetchers leave the slices waiting for them. Prefetching a block's
+  // share four blocks ahead cut PSA's inference(10) from 116.6 to 110.1 ms with the
+  // -unary rows alone and by 1-3 ms more with the rest (one thread; ahead 2 to 8
+  // blocks measure alike; into L1 instead of L2 it was 9 ms slower). Prefetching the
+  // lattice rows the block will touch made it slower.
+  constexpr int64_t kPrefetchBlocks = 4;
+  auto prefetch_block = [&](int64_t ahead) {
+    if (ahead + kBlockPoints > end) return;
+    const int64_t points = kBlockPoints;
+    if (pass.update_q) {
+      prefetch_into_l2(pass.neg_unary + ahead * stride, points * stride * sizeof(float));
+    }
+    for (const KernelStep& step : steps) {
+      const int64_t corners = points * step.corners;
+      prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
+      prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
+      if (step.norm != nullptr) prefetch_into_l2(step.norm + ahead, points * sizeof(float));
+    }
+  };
+
   for (int64_t block = begin; block < end; block += kBlockPoints) {
     const int64_t count = std::min(kBlockPoints, end - block);
     Lanes* q_rows = as_lanes(pass.q + block * stride);
+    prefetch_block(block + kPrefetchBlocks * kBlockPoints);
     if (pass.update_q) {
       const Lanes* unary = as_lanes(pass.neg_unary + block * stride);
-      prefetch_unary(pass.neg_unary, stride, block + kUnaryPrefetchBlocks * kBlockPoints, end);
       const Lanes* base = unary;  // the energies so far
       if (pass.slice) {
         for (const KernelStep& step : steps) {
