@@ -1004,20 +1004,36 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
   }
 }
 
-// q = softmax(energy) over one label row. Padding lanes hold -inf energy (they never
-// receive a message), so they drop out of the max; after exp the mask zeroes them.
-inline void softmax_row(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask, Lanes* q) {
-  Lanes top = energy[0];
-  for (int64_t j = 1; j < chunks; ++j) top = top > energy[j] ? top : energy[j];
-  top = all_lanes_max(top);
-  Lanes total = Lanes{};
-  for (int64_t j = 0; j < chunks; ++j) {
-    q[j] = exp_nonpositive(energy[j] - top);
-    if (j + 1 == chunks) q[j] *= last_chunk_mask;
-    total += q[j];
+// q = softmax(energy) over each of kRows label rows (rows of `chunks` vectors; kChunks
+// > 0 fixes that). Padding lanes hold -inf energy (they never receive a message), so
+// they drop out of the max; after exp the mask zeroes them. Each row's exps form a
+// long dependent chain; several rows in lockstep give the CPU independent work to
+// overlap: four rows cut PSA's inference(10) from 103 to 97 ms (one thread, 21
+// labels; eight: 107 ms).
+template <int kRows, int kChunks>
+inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask, Lanes* q) {
+  if constexpr (kChunks > 0) chunks = kChunks;
+  Lanes top[kRows], total[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    top[i] = energy[i * chunks];
+    for (int64_t j = 1; j < chunks; ++j) {
+      top[i] = top[i] > energy[i * chunks + j] ? top[i] : energy[i * chunks + j];
+    }
+    top[i] = all_lanes_max(top[i]);
+    total[i] = Lanes{};
   }
-  const Lanes inverse = 1.0f / all_lanes_sum(total);
-  for (int64_t j = 0; j < chunks; ++j) q[j] *= inverse;
+  for (int64_t j = 0; j < chunks; ++j) {
+    for (int i = 0; i < kRows; ++i) {
+      Lanes& out = q[i * chunks + j];
+      out = exp_nonpositive(energy[i * chunks + j] - top[i]);
+      if (j + 1 == chunks) out *= last_chunk_mask;
+      total[i] += out;
+    }
+  }
+  for (int i = 0; i < kRows; ++i) {
+    const Lanes inverse = 1.0f / all_lanes_sum(total[i]);
+    for (int64_t j = 0; j < chunks; ++j) q[i * chunks + j] *= inverse;
+  }
 }
 
 // Starts loading `bytes` from `data` into L2 (not L1, where lines that arrive early
@@ -1124,8 +1140,16 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
         }
       }
       if (!pass.store_q) q_rows = q_block;
-      for (int64_t i = 0; i < count; ++i) {
-        softmax_row(base + i * chunks, chunks, pass.last_chunk_mask, q_rows + i * chunks);
+      // Rows in lockstep while their vectors fit the registers.
+      constexpr int kRows = kChunks == 0 ? 1 : kChunks <= 3 ? 4 : kChunks <= 6 ? 2 : 1;
+      int64_t i = 0;
+      for (; i + kRows <= count; i += kRows) {
+        softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
+                                     q_rows + i * chunks);
+      }
+      for (; i < count; ++i) {
+        softmax_rows<1, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
+                                 q_rows + i * chunks);
       }
     }
     if (!do_splat) continue;
