@@ -320,47 +320,6 @@ def test_dense_crf_batch_equals_single_images():
         torch.testing.assert_close(batched[b : b + 1], single, rtol=0, atol=1e-6)
 
 
-# --- The visiting order of raster pixels ----------------------------------------------
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(
-    "width, height, labels",
-    [(37, 23, 21), (17, 40, 1), (16, 9, 3), (49, 31, 81)],
-    ids=["strips+5", "strips+1", "one-strip", "81-labels"],
-)
-def test_grid_width_changes_results_by_rounding_only(threads, width, height, labels):
-    """grid_width W lets the CPU passes visit the pixels in strips of columns
-    (csrc/crf/cpu/dense_crf_cpu.cpp, VisitOrder): features, unary, init_q and output
-    stay in the caller's order, so every pixel must get its own result, whatever the
-    strip widths that W leaves (a narrow last strip, W - 16 = 1, a single strip)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        image, unary = structured_case(width, height, labels, seed=width)
-        unary_t, features, compat, normalization = op_arguments(image, unary)
-        # Two images: one lattice shared (expanded), one per image.
-        unary_t = torch.cat([unary_t, unary_t.flip(-1)])
-        features = [features[0].expand(2, -1, -1), torch.cat([features[1], features[1]])]
-        start = torch.softmax(-unary_t * 0.5, dim=1)
-        results = []
-        for init_q in (None, start):
-            raster = OP(unary_t, features, compat, normalization, 5, init_q)
-            strips = OP(unary_t, features, compat, normalization, 5, init_q, grid_width=width)
-            torch.testing.assert_close(strips, raster, rtol=0, atol=2e-6)
-            results.append(strips)
-        expected = reference_2d(image, unary, (3, 3.0), (40, 13, 10.0), 5, normalization[0])
-        assert_marginals_match(results[0][0].numpy(), expected)
-        # DenseCRF2D and dense_crf pass their width.
-        crf = crf_2d(wcrf, image, unary, (3, 3.0), (40, 13, 10.0))
-        drop_in = OP(
-            unary_t[:1], [f[:1] for f in features], compat, normalization, 5, None, grid_width=width
-        )
-        np.testing.assert_array_equal(crf.inference(5), drop_in[0].numpy())
-    finally:
-        torch.set_num_threads(saved)
-
-
 @pytest.fixture
 def one_thread():
     saved = torch.get_num_threads()
@@ -462,7 +421,7 @@ def test_reference_backend_agrees_and_is_chosen(monkeypatch):
 # --- opcheck -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     args, kwargs = opcheck_arguments("cpu")[case]
     torch.library.opcheck(OP, args, kwargs)
@@ -688,8 +647,6 @@ OP_ERRORS = [
     (lambda: OP(UNARY, FEATURES, POTTS, [-1], 1), r"normalization\[0\]"),
     (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, torch.zeros(1, 2, 10)), "init_q"),
     (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, torch.zeros(1, 3, 10).double()), "init_q"),
-    (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, grid_width=-5), "grid_width"),
-    (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, grid_width=3), "grid_width"),
 ]
 
 

@@ -102,7 +102,6 @@ class DenseCRF:
         self._features: list[torch.Tensor] = []
         self._compat: list[torch.Tensor] = []
         self._normalization: list[int] = []
-        self._grid_width = 0  # no pixel grid (DenseCRF2D sets its width)
 
     def setUnaryEnergy(self, u, f=None) -> None:
         """Sets the unary energies, float (nlabels, nvar)."""
@@ -158,13 +157,7 @@ class DenseCRF:
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"n_iterations must be a non-negative int, got {iterations!r}")
         q = dense_crf_inference(
-            self._unary,
-            self._features,
-            self._compat,
-            self._normalization,
-            iterations,
-            init_q,
-            grid_width=self._grid_width,
+            self._unary, self._features, self._compat, self._normalization, iterations, init_q
         )
         return q[0].cpu().numpy()
 
@@ -194,7 +187,6 @@ class DenseCRF2D(DenseCRF):
             raise ValueError(f"w and h must be positive ints, got w={w!r}, h={h!r}")
         super().__init__(w * h, nlabels, device=device)
         self._width = w
-        self._grid_width = w
         self._height = h
 
     def _grid(self, sxy: tuple[float, float]) -> torch.Tensor:

@@ -13,28 +13,21 @@ namespace crf {
 // may be 0 to share one lattice across the batch; compat[k] float32, 0-d (Potts
 // weight), (M,) (diagonal) or (M, M) (matrix, symmetrised); normalization[k] as
 // pydensecrf's NormalizationType; init_q (B, M, N) marginals to start from instead of
-// softmax(-unary); grid_width W > 0 says that the N points are the pixels of a raster
-// image with rows of W (point n = y W + x): the CPU passes then visit them in an order
-// that keeps lattice rows in cache (VisitOrder); 0: no grid. The order changes results
-// by float rounding only. Returns Q (B, M, N) float32 after `iterations` mean-field
-// steps.
+// softmax(-unary). Returns Q (B, M, N) float32 after `iterations` mean-field steps.
 at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
                                    at::TensorList compat, at::IntArrayRef normalization,
-                                   int64_t iterations, const c10::optional<at::Tensor>& init_q,
-                                   int64_t grid_width);
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q);
 
 #ifdef WSSS_FAST_WITH_CUDA
 at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, at::TensorList features,
                                     at::TensorList compat, at::IntArrayRef normalization,
-                                    int64_t iterations, const c10::optional<at::Tensor>& init_q,
-                                    int64_t grid_width);
+                                    int64_t iterations, const c10::optional<at::Tensor>& init_q);
 #endif
 
 // Shared argument checks (ValueError on the Python side), used by every device.
 void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
                                at::TensorList compat, at::IntArrayRef normalization,
-                               int64_t iterations, const c10::optional<at::Tensor>& init_q,
-                               int64_t grid_width);
+                               int64_t iterations, const c10::optional<at::Tensor>& init_q);
 
 }  // namespace crf
 }  // namespace wsss_fast

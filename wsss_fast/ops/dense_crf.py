@@ -25,9 +25,7 @@ PROBABILITY_CLIP = 1e-5
 
 
 @torch.library.register_fake("wsss_fast::dense_crf_inference")
-def _dense_crf_inference_fake(
-    unary, features, compat, normalization, iterations, init_q=None, grid_width=0
-):
+def _dense_crf_inference_fake(unary, features, compat, normalization, iterations, init_q=None):
     return torch.empty_like(unary, dtype=torch.float32)
 
 
@@ -39,7 +37,6 @@ def dense_crf_inference(
     iterations: int,
     init_q: torch.Tensor | None = None,
     *,
-    grid_width: int = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Mean-field inference of a dense CRF given its energies and kernel features.
@@ -54,10 +51,6 @@ def dense_crf_inference(
         normalization: per kernel, one of ``NORMALIZATIONS``.
         iterations: number of mean-field steps (>= 0).
         init_q: optional (B, M, N) marginals to start from instead of softmax(-unary).
-        grid_width: W when the N points are the pixels of an image with rows of W
-            (point n = y*W + x), else 0. A hint only: the CPU kernel then visits the
-            pixels in strips that keep its lattice rows in cache (faster; the result
-            differs by float rounding only). Must divide N.
         backend: ``compiled`` or ``reference`` (default: ``WSSS_FAST_BACKEND``, else auto).
 
     Returns:
@@ -69,7 +62,7 @@ def dense_crf_inference(
 
         return reference(unary, features, compat, normalization, iterations, init_q)
     return torch.ops.wsss_fast.dense_crf_inference(
-        unary, list(features), list(compat), list(normalization), iterations, init_q, grid_width
+        unary, list(features), list(compat), list(normalization), iterations, init_q
     )
 
 
@@ -175,7 +168,6 @@ def dense_crf(
         compat,
         [NORMALIZE_SYMMETRIC] * len(features),
         iterations,
-        grid_width=width,
         backend=backend,
     )
     return q.view(batch, labels, height, width)

@@ -6,12 +6,11 @@
 //
 // One mean-field step is one pass over the pixels: slice the blurred values of every
 // kernel, apply the compatibility, add the unary, softmax, and splat the new
-// marginals straight into the next step's lattice values. The passes visit the pixels
-// in VisitOrder (the caller's order, or strips of columns for a raster image), split
-// into contiguous chunks ("tasks"), each splatting into its own buffer; the buffers
-// are then summed in task order. With one task in the caller's order the sums are
-// formed in pixel order, as pydensecrf forms them; the result depends on the order
-// and the task count only through float rounding, never on thread scheduling.
+// marginals straight into the next step's lattice values. Pixels are split into
+// contiguous chunks ("tasks"), each splatting into its own buffer; the buffers are
+// then summed in task order. With one task the sums are formed in pixel order, as
+// pydensecrf forms them; the result depends on the task count only through float
+// rounding, never on thread scheduling.
 //
 // Parallelism: over images when the batch has at least as many images as threads,
 // otherwise over pixels, lattice vertices and buffers within each image.
@@ -309,58 +308,6 @@ void for_each_task(int64_t count, int64_t tasks, const Body& body) {
 
 int64_t task_count(int64_t work, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, work / kPointsPerTask));
-}
-
-// The order in which the passes visit the points, as runs: stretches of points that
-// are consecutive in the caller's order too. Every per-point buffer (lattice corners
-// and weights, normalisers, marginal rows) is kept in visiting order; only the
-// caller's features, unary, init_q and output are in the caller's order.
-//
-// The pixels of a raster image (grid_width W > 0: point n = y W + x) are visited in
-// vertical strips of kStripWidth columns, row by row within a strip. A pixel's lattice
-// vertices are then mostly those of the pixels visited just before it (left and
-// above), so the vertex rows that splats and slices touch stay in L1 / L2; in raster
-// order a vertex comes back only a whole image row later. (One thread, 500x375, 21
-// labels, inference(10): PSA's parameters 124 -> 116 ms, DeepLab's 489 -> 452 ms.)
-// The splats then sum in visiting order, which changes results by float rounding only.
-struct VisitOrder {
-  struct Run {
-    int64_t position;  // visiting position of the run's first point
-    int64_t source;    // that point's index in the caller's order
-    int64_t length;
-  };
-  std::vector<Run> runs;  // by position, together covering [0, N)
-
-  // body(position, source, length) for each part of a run within positions [begin, end).
-  template <typename Body>
-  void for_each_run(int64_t begin, int64_t end, const Body& body) const {
-    auto run = std::upper_bound(runs.begin(), runs.end(), begin,
-                                [](int64_t value, const Run& r) { return value < r.position; });
-    for (--run; run != runs.end() && run->position < end; ++run) {
-      const int64_t first = std::max(begin, run->position);
-      const int64_t last = std::min(end, run->position + run->length);
-      if (first < last) body(first, run->source + (first - run->position), last - first);
-    }
-  }
-};
-
-constexpr int64_t kStripWidth = 16;  // columns per strip of VisitOrder (16 and 32 measure alike)
-
-VisitOrder visit_order(int64_t points, int64_t grid_width) {
-  VisitOrder order;
-  if (grid_width <= kStripWidth) {  // no grid, or a single strip: the caller's order
-    order.runs.push_back({0, 0, points});
-    return order;
-  }
-  const int64_t height = points / grid_width;
-  order.runs.reserve(height * ((grid_width + kStripWidth - 1) / kStripWidth));
-  for (int64_t x0 = 0; x0 < grid_width; x0 += kStripWidth) {
-    const int64_t width = std::min(kStripWidth, grid_width - x0);
-    for (int64_t y = 0; y < height; ++y) {
-      order.runs.push_back({x0 * height + y * width, y * grid_width + x0, width});
-    }
-  }
-  return order;
 }
 
 // 1 when x is NaN or infinite (all exponent bits set), else 0. Integer bit tests, so
@@ -1008,8 +955,8 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
 // > 0 fixes that). Padding lanes hold -inf energy (they never receive a message), so
 // they drop out of the max; after exp the mask zeroes them. Each row's exps form a
 // long dependent chain; several rows in lockstep give the CPU independent work to
-// overlap: four rows cut PSA's inference(10) from 103 to 97 ms (one thread, 21
-// labels; eight: 107 ms).
+// overlap: four rows cut the whole op for PSA's parameters from 132 to 127 ms (one
+// thread, 21 labels; eight rows were slower than four).
 template <int kRows, int kChunks>
 inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask, Lanes* q) {
   if constexpr (kChunks > 0) chunks = kChunks;
@@ -1095,10 +1042,10 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   // A pass streams the per-point arrays from memory (at 500x375 with 21 labels: the
   // -unary rows, 18 MB, and the kernels' corners, weights and normalisers, 15 MB), and
   // the hardware prefetchers leave the slices waiting for them. Prefetching a block's
-  // share four blocks ahead cut PSA's inference(10) from 116.6 to 110.1 ms with the
-  // -unary rows alone and by 1-3 ms more with the rest (one thread; ahead 2 to 8
-  // blocks measure alike; into L1 instead of L2 it was 9 ms slower). Prefetching the
-  // lattice rows the block will touch made it slower.
+  // share four blocks ahead cut the whole op for PSA's parameters (lattices and 10
+  // steps, one thread) from 137 to 127 ms: the -unary rows most of it, the rest 1-3 ms
+  // (ahead 2 to 8 blocks measure alike; into L1 instead of L2 it was 9 ms slower).
+  // Prefetching the lattice rows the block will touch made it slower.
   constexpr int64_t kPrefetchBlocks = 4;
   auto prefetch_block = [&](int64_t ahead) {
     if (ahead + kBlockPoints > end) return;
@@ -1224,23 +1171,19 @@ inline void transpose_tile(const Lanes* in, Lanes* out) {
   }
 }
 
-// Label planes (M, N) -> pixel rows (N, stride) for `count` points: points source ..
-// source + count - 1 of the planes become rows position .. position + count - 1; row
-// lane c is sign * planes[c * N + point] for c < M and `pad` beyond. Returns 1 when a
-// copied value is NaN or infinite, else 0.
+// Label planes (M, N) -> pixel rows (N, stride) for pixels [begin, end): row p, lane c
+// is sign * planes[c * N + p] for c < M and `pad` beyond. Returns 1 when a copied
+// value is NaN or infinite, else 0.
 uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int64_t stride,
-                        float sign, float pad, int64_t source, int64_t position, int64_t count,
-                        float* rows) {
+                        float sign, float pad, int64_t begin, int64_t end, float* rows) {
   IntLanes bad = IntLanes{};
-  const float* from = planes + source;
-  float* to = rows + position * stride;
-  int64_t p = 0;
-  for (; p + kLanes <= count; p += kLanes) {
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
     for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
       Lanes tile[kLanes], transposed[kLanes];
       for (int64_t k = 0; k < kLanes; ++k) {
         if (c0 + k < labels) {
-          const Lanes values = *as_lanes(from + (c0 + k) * points + p);
+          const Lanes values = *as_lanes(planes + (c0 + k) * points + p);
           bad |= not_finite(values);
           tile[k] = sign * values;
         } else {
@@ -1248,53 +1191,48 @@ uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int
         }
       }
       transpose_tile(tile, transposed);
-      for (int64_t j = 0; j < kLanes; ++j) *as_lanes(to + (p + j) * stride + c0) = transposed[j];
+      for (int64_t j = 0; j < kLanes; ++j) *as_lanes(rows + (p + j) * stride + c0) = transposed[j];
     }
   }
   uint32_t found = 0;
   for (int64_t j = 0; j < kLanes; ++j) found |= bad[j] != 0;
-  for (; p < count; ++p) {
+  for (; p < end; ++p) {
     for (int64_t c = 0; c < stride; ++c) {
       if (c < labels) {
-        const float value = from[c * points + p];
+        const float value = planes[c * points + p];
         found |= not_finite(value);
-        to[p * stride + c] = sign * value;
+        rows[p * stride + c] = sign * value;
       } else {
-        to[p * stride + c] = pad;
+        rows[p * stride + c] = pad;
       }
     }
   }
   return found;
 }
 
-// Pixel rows (N, stride) -> label planes (M, N) for `count` points: rows position ..
-// become points source .. of the planes.
+// Pixel rows (N, stride) -> label planes (M, N) for pixels [begin, end).
 void rows_to_planes(const float* rows, int64_t labels, int64_t points, int64_t stride,
-                    int64_t position, int64_t source, int64_t count, float* planes) {
-  const float* from = rows + position * stride;
-  float* to = planes + source;
-  int64_t p = 0;
-  for (; p + kLanes <= count; p += kLanes) {
+                    int64_t begin, int64_t end, float* planes) {
+  int64_t p = begin;
+  for (; p + kLanes <= end; p += kLanes) {
     for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
       Lanes tile[kLanes], transposed[kLanes];
-      for (int64_t j = 0; j < kLanes; ++j) tile[j] = *as_lanes(from + (p + j) * stride + c0);
+      for (int64_t j = 0; j < kLanes; ++j) tile[j] = *as_lanes(rows + (p + j) * stride + c0);
       transpose_tile(tile, transposed);
       for (int64_t k = 0; k < kLanes && c0 + k < labels; ++k) {
-        *as_lanes(to + (c0 + k) * points + p) = transposed[k];
+        *as_lanes(planes + (c0 + k) * points + p) = transposed[k];
       }
     }
   }
-  for (; p < count; ++p) {
-    for (int64_t c = 0; c < labels; ++c) to[c * points + p] = from[p * stride + c];
+  for (; p < end; ++p) {
+    for (int64_t c = 0; c < labels; ++c) planes[c * points + p] = rows[p * stride + c];
   }
 }
 
 // Mean-field inference for one image.
-//   unary (M, N), init_q (M, N) or null, out (M, N), in the caller's order; the kernels'
-//   lattices are built over the points in `order`.
+//   unary (M, N), init_q (M, N) or null, out (M, N).
 void infer_image(const float* unary, const float* init_q, float* out, int64_t labels,
-                 int64_t points, const VisitOrder& order,
-                 const std::vector<const PreparedKernel*>& kernels,
+                 int64_t points, const std::vector<const PreparedKernel*>& kernels,
                  const std::vector<Compatibility>& compat, int64_t iterations, int64_t threads) {
   const int64_t stride = round_up(labels, kLanes);
   const int64_t tasks = task_count(points, threads);
@@ -1306,15 +1244,12 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   LargeBuffer<float> q(points * stride);
   std::vector<uint32_t> bad(tasks, 0);
   for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
-    order.for_each_run(begin, end, [&](int64_t position, int64_t source, int64_t length) {
-      bad[task] |= planes_to_rows(unary, labels, points, stride, -1.0f,
-                                  -std::numeric_limits<float>::infinity(), source, position,
-                                  length, neg_unary.data());
-      if (init_q != nullptr) {
-        planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, source, position, length,
-                       q.data());
-      }
-    });
+    bad[task] = planes_to_rows(unary, labels, points, stride, -1.0f,
+                               -std::numeric_limits<float>::infinity(), begin, end,
+                               neg_unary.data());
+    if (init_q != nullptr) {
+      planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.data());
+    }
   });
   TORCH_CHECK_VALUE(std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; }),
                     "unary contains NaN or infinite energies");
@@ -1410,9 +1345,7 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   }
 
   for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    order.for_each_run(begin, end, [&](int64_t position, int64_t source, int64_t length) {
-      rows_to_planes(q.data(), labels, points, stride, position, source, length, out);
-    });
+    rows_to_planes(q.data(), labels, points, stride, begin, end, out);
   });
 }
 
@@ -1420,10 +1353,8 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
 at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
                                    at::TensorList compat, at::IntArrayRef normalization,
-                                   int64_t iterations, const c10::optional<at::Tensor>& init_q,
-                                   int64_t grid_width) {
-  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q,
-                            grid_width);
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q) {
+  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q);
   const int64_t batch = unary.size(0);
   const int64_t labels = unary.size(1);
   const int64_t points = unary.size(2);
@@ -1454,26 +1385,9 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
     TORCH_CHECK_VALUE(all_finite(feature_c[k].data_ptr<float>(), feature_c[k].numel(), threads),
                       "features[", k, "] contains NaN or infinite values");
   }
-  const VisitOrder order = visit_order(points, grid_width);
-  const bool reordered = order.runs.size() > 1;
   auto prepare = [&](size_t k, int64_t image, int64_t inner_threads) {
     const int dim = static_cast<int>(features[k].size(1));
     const float* data = feature_c[k].data_ptr<float>() + (shared[k] ? 0 : image * dim * points);
-    LargeBuffer<float> visited;  // the features in visiting order
-    if (reordered) {
-      visited.resize(dim * points);
-      for_each_task(points, task_count(points, inner_threads),
-                    [&](int64_t, int64_t begin, int64_t end) {
-                      order.for_each_run(begin, end, [&](int64_t position, int64_t source,
-                                                         int64_t length) {
-                        for (int i = 0; i < dim; ++i) {
-                          std::copy_n(data + i * points + source, length,
-                                      visited.data() + i * points + position);
-                        }
-                      });
-                    });
-      data = visited.data();
-    }
     return std::make_unique<PreparedKernel>(prepare_kernel(
         data, points, dim, points, static_cast<Normalization>(normalization[k]), inner_threads));
   };
@@ -1494,8 +1408,8 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
     const int64_t offset = image * labels * points;
     infer_image(unary_c.data_ptr<float>() + offset,
                 init_c.defined() ? init_c.data_ptr<float>() + offset : nullptr,
-                out.data_ptr<float>() + offset, labels, points, order, kernels, compat_rows,
-                iterations, inner_threads);
+                out.data_ptr<float>() + offset, labels, points, kernels, compat_rows, iterations,
+                inner_threads);
   };
 
   if (batch >= threads && threads > 1) {
