@@ -746,12 +746,18 @@ inline float slice_scalar(const Lattice& lattice, const float* values, int64_t p
 }
 
 // A pairwise kernel ready for inference on one image: its lattice and normaliser.
+// Symmetric normalisation scales a point's splat and its slice by the same factor, so
+// it is folded into the point's barycentric weights (lattice.weight holds w n). That
+// saves the passes a multiply per label vector, twice per point and kernel, and the
+// normaliser's stream: the whole op for PSA's parameters, one thread, went from 128.9
+// to 124.0 ms and from 132.3 to 120.3 (minima of two series). The products round
+// differently from pydensecrf's w (n q) and n (sum w b): an ulp.
 struct PreparedKernel {
   Lattice lattice;
   Normalization mode = kNormalizeSymmetric;
-  LargeBuffer<float> norm;  // (N) per-point factor; empty for NO_NORMALIZATION
-  bool scale_before() const { return mode == kNormalizeSymmetric || mode == kNormalizeBefore; }
-  bool scale_after() const { return mode == kNormalizeSymmetric || mode == kNormalizeAfter; }
+  LargeBuffer<float> norm;  // (N) per-point factor of NORMALIZE_BEFORE / AFTER, else empty
+  bool scale_before() const { return mode == kNormalizeBefore; }
+  bool scale_after() const { return mode == kNormalizeAfter; }
 };
 
 PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, int64_t points,
@@ -777,6 +783,15 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
                                                                        : 1.0 / shifted);
     }
   });
+  if (mode == kNormalizeSymmetric) {
+    float* weight = kernel.lattice.weight.data();
+    for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int r = 0; r < corners; ++r) weight[p * corners + r] *= kernel.norm[p];
+      }
+    });
+    LargeBuffer<float>().swap(kernel.norm);
+  }
   return kernel;
 }
 
@@ -866,8 +881,8 @@ inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool s
 }
 
 // Splats pixels [first, first + count) of a block, q rows `q` (count, chunks), into
-// this task's buffer. With the normaliser, a pixel adds w (n q), pydensecrf's order:
-// n q once per pixel, then the weight straight from memory per vertex.
+// this task's buffer. Normalised before, a pixel adds w (n q), pydensecrf's order: n q
+// once per pixel, then the weight straight from memory per vertex.
 template <int kCorners, int kChunks>
 void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t chunks,
                  const Lanes* q) {
