@@ -200,14 +200,15 @@ class KeyTable {
 
   int32_t find_or_insert(const int32_t* key) { return find_or_insert(key, tag(key)); }
 
-  // `key` may be null when `exact()`: the tag alone is then the key.
+  // `key` may be null when `exact()`: the tag alone is then the key (the null test also
+  // keeps GCC from warning about the copy it cannot see is skipped).
   int32_t find_or_insert(const int32_t* key, uint64_t tag) {
     if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
     size_t slot = index(tag);
     while (true) {
       Slot& entry = slots_[slot];
       if (entry.id < 0) {
-        if (!packing_.exact) keys_.insert(keys_.end(), key, key + key_size_);
+        if (!packing_.exact && key != nullptr) keys_.insert(keys_.end(), key, key + key_size_);
         tags_.push_back(tag);
         entry = {tag, count_};
         return count_++;
@@ -455,12 +456,22 @@ void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, 
     for (int r = 0; r < dim; ++r) {
       tag[r + 1] = tag[r] + ones - step_down[coordinate_of_rank[dim - r]];
     }
+    // Copy the previous point's ids, then probe only the corners that changed, in
+    // corner order: one loop over the changed corners instead of a hard-to-predict
+    // branch per corner (bilateral lattice 17.6-18.2 -> 16.4-16.7 ms at 500x375).
     int32_t* ids = vertex + p * corners;
-    for (int r = 0; r <= dim; ++r) {
-      ids[r] = p > 0 && tag[r] == previous[r] ? ids[r - corners]
-                                              : table.find_or_insert(nullptr, tag[r]) + 1;
-      previous[r] = tag[r];
+    uint32_t changed = p == 0 ? (1u << corners) - 1 : 0;
+    if (p > 0) {
+      for (int r = 0; r <= dim; ++r) {
+        changed |= static_cast<uint32_t>(tag[r] != previous[r]) << r;
+        ids[r] = ids[r - corners];
+      }
     }
+    for (; changed != 0; changed &= changed - 1) {
+      const int r = __builtin_ctz(changed);
+      ids[r] = table.find_or_insert(nullptr, tag[r]) + 1;
+    }
+    std::copy(tag, tag + corners, previous);
   }
 }
 
