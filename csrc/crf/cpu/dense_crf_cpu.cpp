@@ -1066,12 +1066,13 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   Lanes* scratch_row = q_block + kBlockPoints * chunks;
 
   // A pass streams the per-point arrays from memory (at 500x375 with 21 labels: the
-  // -unary rows, 18 MB, and the kernels' corners, weights and normalisers, 15 MB), and
-  // the hardware prefetchers leave the slices waiting for them. Prefetching a block's
-  // share four blocks ahead cut the whole op for PSA's parameters (lattices and 10
-  // steps, one thread) from 137 to 127 ms: the -unary rows most of it, the rest 1-3 ms
-  // (ahead 2 to 8 blocks measure alike; into L1 instead of L2 it was 9 ms slower).
-  // Prefetching the lattice rows the block will touch made it slower.
+  // -unary rows, 18 MB, the kernels' corners and weights, 13.5 MB, and the normalisers
+  // of NORMALIZE_BEFORE / AFTER), and the hardware prefetchers leave the slices waiting
+  // for them. Prefetching a block's share four blocks ahead cut the whole op for PSA's
+  // parameters (lattices and 10 steps, one thread) from 137 to 127 ms: the -unary rows
+  // most of it, the rest 1-3 ms (ahead 2 to 8 blocks measure alike; into L1 instead of
+  // L2 it was 9 ms slower). Prefetching the lattice rows the block will touch made it
+  // slower.
   constexpr int64_t kPrefetchBlocks = 4;
   auto prefetch_block = [&](int64_t ahead) {
     if (ahead + kBlockPoints > end) return;
