@@ -786,23 +786,21 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
   for (int64_t i = 0; i < points * corners; ++i) values[lattice.vertex[i]] += lattice.weight[i];
   const float* blurred = blur(lattice, values.data(), scratch.data(), 1, 1, true, threads);
   const float alpha = lattice_alpha(dim);
-  kernel.norm.resize(points);
+  const bool symmetric = mode == kNormalizeSymmetric;
+  if (!symmetric) kernel.norm.resize(points);
+  float* weight = kernel.lattice.weight.data();
   for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
+      // The point's slice reads only its own weights: scaling them right after is safe.
       const double shifted = static_cast<double>(slice_scalar(lattice, blurred, p, alpha)) + 1e-20;
-      kernel.norm[p] = static_cast<float>(mode == kNormalizeSymmetric ? 1.0 / std::sqrt(shifted)
-                                                                       : 1.0 / shifted);
+      const float n = static_cast<float>(symmetric ? 1.0 / std::sqrt(shifted) : 1.0 / shifted);
+      if (symmetric) {
+        for (int r = 0; r < corners; ++r) weight[p * corners + r] *= n;
+      } else {
+        kernel.norm[p] = n;
+      }
     }
   });
-  if (mode == kNormalizeSymmetric) {
-    float* weight = kernel.lattice.weight.data();
-    for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        for (int r = 0; r < corners; ++r) weight[p * corners + r] *= kernel.norm[p];
-      }
-    });
-    LargeBuffer<float>().swap(kernel.norm);
-  }
   return kernel;
 }
 
