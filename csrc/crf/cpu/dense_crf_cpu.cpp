@@ -132,6 +132,7 @@ inline const Lanes* as_lanes(const float* data) { return reinterpret_cast<const 
 // tag is a hash, and equal tags are confirmed on the stored keys.
 struct KeyPacking {
   bool exact = false;
+  int bits = 0;  // exact tags are below 2^bits
   int64_t low[kMaxFeatureDim] = {};  // coordinate i is stored as key[i] - low[i]
   int shift[kMaxFeatureDim] = {};
 
@@ -170,6 +171,7 @@ KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
     bits += 64 - __builtin_clzll(static_cast<uint64_t>(span));
   }
   packing.exact = bits <= 64;
+  packing.bits = bits;
   for (int i = 0; i < dim && packing.exact; ++i) {
     packing.ones += uint64_t{1} << packing.shift[i];
     packing.step_down[i] = static_cast<uint64_t>(dim + 1) << packing.shift[i];
@@ -177,15 +179,25 @@ KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
   return packing;
 }
 
-// Open-addressing hash table from lattice keys (d ints) to dense vertex ids. Slots
-// hold the key's tag next to the id, so a probe touches one cache line. Every
-// vertex's tag is kept; its key only when tags are hashes (exact tags are the keys).
+// Map from lattice keys (d ints) to dense vertex ids, for the vertices of `points`
+// points. Every vertex's tag is kept; its key only when tags are hashes (exact tags
+// are the keys).
+//
+// When exact tags span few values (below twice the point count: the Gaussian kernel's
+// two coordinates at sxy = 3), the map is a plain array indexed by tag: one load per
+// lookup, no probing (building the Gaussian lattice at 500x375 went from 5.0 to 4.3 ms).
+// Otherwise it is an open-addressing hash table whose slots hold the tag next to the
+// id, so that a probe touches one cache line.
 class KeyTable {
  public:
-  KeyTable(int key_size, const KeyPacking& packing, int64_t expected)
+  KeyTable(int key_size, const KeyPacking& packing, int64_t points)
       : key_size_(key_size), packing_(packing) {
+    if (packing.exact && packing.bits < 31 && (int64_t{1} << packing.bits) <= 2 * points) {
+      direct_.assign(size_t{1} << packing.bits, -1);
+      return;
+    }
     size_t capacity = 1 << 12;
-    while (capacity < 2 * static_cast<size_t>(expected)) capacity *= 2;
+    while (capacity < static_cast<size_t>(points) / 8) capacity *= 2;
     rehash(capacity);
   }
 
@@ -203,6 +215,14 @@ class KeyTable {
   // `key` may be null when `exact()`: the tag alone is then the key (the null test also
   // keeps GCC from warning about the copy it cannot see is skipped).
   int32_t find_or_insert(const int32_t* key, uint64_t tag) {
+    if (!direct_.empty()) {
+      int32_t& id = direct_[tag];
+      if (id < 0) {
+        tags_.push_back(tag);
+        id = count_++;
+      }
+      return id;
+    }
     if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
     size_t slot = index(tag);
     while (true) {
@@ -222,11 +242,18 @@ class KeyTable {
 
   // Starts loading the slot a probe for `tag` begins at: lookups of large lattices
   // miss the caches, and a batch of prefetches overlaps those misses.
-  void prefetch(uint64_t tag) const { __builtin_prefetch(slots_.data() + index(tag)); }
+  void prefetch(uint64_t tag) const {
+    if (direct_.empty()) {
+      __builtin_prefetch(slots_.data() + index(tag));
+    } else {
+      __builtin_prefetch(direct_.data() + tag);
+    }
+  }
 
   // Returns -1 when the key is not a vertex. Read-only: safe from many threads. `key`
   // may be null when `exact()`.
   int32_t find(const int32_t* key, uint64_t tag) const {
+    if (!direct_.empty()) return direct_[tag];
     size_t slot = index(tag);
     while (true) {
       const Slot& entry = slots_[slot];
@@ -252,10 +279,15 @@ class KeyTable {
     return true;
   }
 
-  // Fibonacci hashing: the top bits of tag * 2^64 / phi (packed tags are far from
-  // uniform in their low bits).
+  // The top bits of the tag mixed by two multiplications and an xor-shift (splitmix64's
+  // constants): packed tags are far from uniform in their low bits, and multiplying by
+  // 2^64 / phi alone left the bilateral lattice's lookups at 1.6 probes on average
+  // (1.2 with the mixing) at a load of 0.38; building that lattice went from 14.3 to
+  // 12.6 ms (500x375).
   size_t index(uint64_t tag) const {
-    return static_cast<size_t>((tag * 0x9E3779B97F4A7C15ull) >> index_shift_);
+    uint64_t mixed = tag * 0x9E3779B97F4A7C15ull;
+    mixed ^= mixed >> 29;
+    return static_cast<size_t>((mixed * 0xBF58476D1CE4E5B9ull) >> index_shift_);
   }
 
   void rehash(size_t capacity) {
@@ -277,6 +309,7 @@ class KeyTable {
   LargeBuffer<int32_t> keys_;
   LargeBuffer<uint64_t> tags_;
   LargeBuffer<Slot> slots_;
+  LargeBuffer<int32_t> direct_;  // id by exact tag, -1 for none; empty: hash table
 };
 
 // A lattice built for one set of points: where each point splats, and the blur graph.
@@ -543,7 +576,7 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
       highest[i] = std::max(highest[i], rem0[i]);
     }
   }
-  KeyTable table(dim, key_packing(lowest, highest, dim), num_points / 16);
+  KeyTable table(dim, key_packing(lowest, highest, dim), num_points);
   if (table.exact()) {
     assign_vertices_exact(simplex.data(), dim, num_points, table, lattice.vertex.data());
   } else {
