@@ -77,13 +77,17 @@ def _check_pair(name: str, value, length: int) -> tuple[float, ...]:
 
 def pixel_grid_features(height: int, width: int, sxy: tuple[float, float], device) -> torch.Tensor:
     """(2, H*W) float32 features (x / sx, y / sy) of the pixel grid, pixel n = y*W + x."""
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float32, device=device),
-        torch.arange(width, dtype=torch.float32, device=device),
-        indexing="ij",
-    )
-    scale = torch.tensor(sxy, dtype=torch.float32, device=device).view(2, 1)
-    return torch.stack([xs.reshape(-1), ys.reshape(-1)]) / scale
+    features = torch.empty(2, height, width, dtype=torch.float32, device=device)
+    _write_grid_features(features, sxy)
+    return features.view(2, height * width)
+
+
+def _write_grid_features(out: torch.Tensor, sxy: tuple[float, float]) -> None:
+    """Fills float32 (2, H, W) ``out`` with x / sx and y / sy: one division per column
+    and per row, then broadcast copies (the same float32 quotients as per pixel)."""
+    _, height, width = out.shape
+    out[0] = torch.arange(width, dtype=torch.float32, device=out.device) / sxy[0]
+    out[1] = (torch.arange(height, dtype=torch.float32, device=out.device) / sxy[1]).view(-1, 1)
 
 
 def bilateral_features(
@@ -91,10 +95,12 @@ def bilateral_features(
 ) -> torch.Tensor:
     """(B, 5, H*W) float32 features (x/sx, y/sy, r/sr, g/sg, b/sb) of uint8 (B, 3, H, W) images."""
     batch, _, height, width = images.shape
-    position = pixel_grid_features(height, width, sxy, images.device)
-    colour_scale = torch.tensor(srgb, dtype=torch.float32, device=images.device).view(1, 3, 1)
-    colour = images.reshape(batch, 3, height * width).to(torch.float32) / colour_scale
-    return torch.cat([position.unsqueeze(0).expand(batch, -1, -1), colour], dim=1)
+    features = torch.empty(batch, 5, height, width, dtype=torch.float32, device=images.device)
+    _write_grid_features(features[0, :2], sxy)
+    features[1:, :2] = features[0, :2]
+    colour_scale = torch.tensor(srgb, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    torch.div(images, colour_scale, out=features[:, 2:])
+    return features.view(batch, 5, height * width)
 
 
 def dense_crf(
