@@ -474,8 +474,10 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
 // d - r. A corner whose tag is the previous point's same corner (about 3/4 of the
 // Gaussian's, 3/5 of the bilateral's on photos) takes that id without a probe.
 // (Prefetching the probes' slots a batch of points ahead made this slower.)
-void assign_vertices_exact(const int32_t* simplex, int dim, int64_t num_points, KeyTable& table,
-                           int32_t* vertex) {
+template <int kDim>
+void assign_vertices_exact(const int32_t* simplex, int runtime_dim, int64_t num_points,
+                           KeyTable& table, int32_t* vertex) {
+  const int dim = kDim > 0 ? kDim : runtime_dim;
   const int corners = dim + 1;
   const uint64_t ones = table.packing().ones;
   const uint64_t* step_down = table.packing().step_down;
@@ -578,7 +580,18 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   }
   KeyTable table(dim, key_packing(lowest, highest, dim), num_points);
   if (table.exact()) {
-    assign_vertices_exact(simplex.data(), dim, num_points, table, lattice.vertex.data());
+    // Fixed sizes keep a point's tags in registers: the Gaussian lattice at 500x375
+    // went from 4.3 to 3.7 ms, the bilateral from 12.9 to 12.3.
+    switch (dim) {
+      case 2:
+        assign_vertices_exact<2>(simplex.data(), dim, num_points, table, lattice.vertex.data());
+        break;
+      case 5:
+        assign_vertices_exact<5>(simplex.data(), dim, num_points, table, lattice.vertex.data());
+        break;
+      default:
+        assign_vertices_exact<0>(simplex.data(), dim, num_points, table, lattice.vertex.data());
+    }
   } else {
     assign_vertices_hashed(simplex.data(), dim, num_points, table, lattice.vertex.data());
   }
