@@ -204,15 +204,28 @@ def test_label_counts(make_case, labels):
 
 @pytest.mark.parametrize(
     ("count", "dim", "spread"),
-    [(40, 3, 0.0), (41, 3, 0.0), (851, 3, 0.0), (851, 5, 0.0), (853, 5, 2e5), (77, 2, 1e6)],
+    [
+        (40, 3, 0.0),
+        (41, 3, 0.0),
+        (851, 3, 0.0),
+        (851, 5, 0.0),
+        (851, 5, 300.0),
+        (853, 3, 2e5),
+        (853, 5, 2e5),
+        (2001, 2, 0.0),
+        (77, 2, 1e6),
+    ],
 )
 def test_generic_features_and_embedding_padding(count, dim, spread):
     """DenseCRF.addPairwiseEnergy with d-dimensional features away from the origin.
     pydensecrf embeds points in blocks of 4 and pads the last block with points at the
     origin, whose lattice vertices take part in the blur: with count % 4 != 0 those
     extra vertices change the result, and the op must add them too. d = 5 takes the
-    vectorised embedding; with `spread`, the points form clusters that far apart, and
-    for d = 5 the lattice keys no longer pack into 64 bits (the hashed key path)."""
+    vectorised embedding; with `spread`, the points form clusters that far apart. The
+    vertex map's forms: a plain array for keys packed into few bits (2001 points, d =
+    2); keys packed into 40 bits or fewer share a word with the id (no spread); 300 for
+    d = 5 and 2e5 for d = 3 need 41-64 bits (16-byte slots); 2e5
+    for d = 5 no longer packs into 64 bits (hashed keys)."""
     rng = np.random.default_rng(count)
     centres = rng.uniform(0.0, spread, size=(dim, 8))
     features = centres[:, rng.integers(0, 8, size=count)] + rng.uniform(0.3, 3.0, (dim, count))
