@@ -354,6 +354,18 @@ def test_one_thread_blur_wavefront_matches_reference(one_thread):
     assert_marginals_match(ours, expected)
 
 
+def test_lattice_with_more_vertices_than_16_bit_ids_matches_reference(one_thread):
+    """The passes read vertex ids as uint16 where a lattice has fewer than 2^16
+    vertices, as int32 otherwise: the Gaussian kernel at sxy = 1 on 300x250 pixels
+    has about 86k vertices (the bilateral here a few hundred), so both kinds meet."""
+    image = small_photo(PHOTOS[0], 300, 250)
+    unary = unary_from_softmax(synthetic_softmax(image, 5, seed=7))
+    gaussian, bilateral = (1, 3.0), (80, 13, 10.0)
+    ours = crf_2d(wcrf, image, unary, gaussian, bilateral).inference(3)
+    expected = reference_2d(image, unary, gaussian, bilateral, 3, wcrf.NORMALIZE_SYMMETRIC)
+    assert_marginals_match(ours, expected)
+
+
 def test_reused_buffers_change_no_result():
     """Buffers of a megabyte and more are pooled between calls (csrc/crf/cpu/
     large_buffer.h): a live output must never be handed out again, and a recycled

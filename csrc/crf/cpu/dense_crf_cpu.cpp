@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -360,6 +361,7 @@ struct Lattice {
   int64_t num_points = 0;            // N
   int64_t num_vertices = 0;          // V
   LargeBuffer<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
+  LargeBuffer<uint16_t> narrow_vertex;  // the same as uint16 when V < 2^16, else empty
   LargeBuffer<float> weight;         // (N, d+1) barycentric weights
   LargeBuffer<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
   int64_t neighbour_span = 0;        // largest |neighbour id - vertex id|
@@ -888,11 +890,24 @@ struct PreparedKernel {
   bool scale_after() const { return mode == kNormalizeAfter; }
 };
 
+// Fills lattice.narrow_vertex when every id fits 16 bits.
+void narrow_vertex_ids(Lattice& lattice, int64_t threads) {
+  if (lattice.num_vertices >= 65535) return;
+  const int64_t count = lattice.num_points * (lattice.dim + 1);
+  lattice.narrow_vertex.resize(count);
+  for_each_task(count, task_count(count, threads), [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      lattice.narrow_vertex[i] = static_cast<uint16_t>(lattice.vertex[i]);
+    }
+  });
+}
+
 PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, int64_t points,
                               Normalization mode, int64_t threads) {
   PreparedKernel kernel;
   kernel.lattice = build_lattice(features, stride, dim, points, threads);
   kernel.mode = mode;
+  narrow_vertex_ids(kernel.lattice, threads);
   if (mode == kNoNormalization) return kernel;
   // norm = K applied to ones, one channel, in pydensecrf's single-channel rounding.
   const Lattice& lattice = kernel.lattice;
@@ -973,6 +988,7 @@ struct MeanFieldPass {
 // rather than through the vectors and structs for every pixel.
 struct KernelStep {
   const int32_t* ids = nullptr;    // (N, corners) vertex ids + 1
+  const uint16_t* narrow_ids = nullptr;  // the same as uint16, or null
   const float* weights = nullptr;  // (N, corners) barycentric weights
   const float* norm = nullptr;     // (N) normaliser, or null
   const float* blurred = nullptr;  // values to slice, or null
@@ -987,12 +1003,21 @@ struct KernelStep {
 // filtered = sum over the point's vertices of weight * alpha * blurred row; pydensecrf
 // rounds (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise. kCorners > 0 fixes the
 // vertex count (d+1) at compile time.
-template <int kCorners>
+template <typename Id>
+inline const Id* step_ids(const KernelStep& step) {
+  if constexpr (std::is_same_v<Id, uint16_t>) {
+    return step.narrow_ids;
+  } else {
+    return step.ids;
+  }
+}
+
+template <int kCorners, typename Id>
 inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool sequential_rounding,
                        Lanes* filtered) {
   const int corners = kCorners > 0 ? kCorners : step.corners;
   const int64_t stride = chunks * kLanes;
-  const int32_t* ids = step.ids + p * corners;
+  const Id* ids = step_ids<Id>(step) + p * corners;
   const float* weights = step.weights + p * corners;
   for (int64_t j = 0; j < chunks; ++j) filtered[j] = Lanes{};
   for (int r = 0; r < corners; ++r) {
@@ -1009,7 +1034,7 @@ inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool s
 // Splats pixels [first, first + count) of a block, q rows `q` (count, chunks), into
 // this task's buffer. Normalised before, a pixel adds w (n q), pydensecrf's order: n q
 // once per pixel, then the weight straight from memory per vertex.
-template <int kCorners, int kChunks>
+template <int kCorners, int kChunks, typename Id>
 void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t chunks,
                  const Lanes* q) {
   const int corners = kCorners > 0 ? kCorners : step.corners;
@@ -1018,7 +1043,7 @@ void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t c
   Lanes scaled[kChunks > 0 ? kChunks : 1];
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = first + i;
-    const int32_t* ids = step.ids + p * corners;
+    const Id* ids = step_ids<Id>(step) + p * corners;
     const float* weights = step.weights + p * corners;
     const Lanes* values = q + i * chunks;
     if constexpr (kChunks > 0) {
@@ -1049,7 +1074,7 @@ void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t c
 // vertex count, compatibility, normalisation) is settled once per block, not per pixel.
 // `scratch_row` (one row) holds the slice when the stride is not fixed; with kChunks >
 // 0 it stays in registers.
-template <int kCorners, int kChunks>
+template <int kCorners, int kChunks, typename Id>
 void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int64_t first,
                          int64_t count, int64_t chunks, const Lanes* base, Lanes* scratch_row,
                          Lanes* energies) {
@@ -1061,7 +1086,7 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
   Lanes* filtered = kChunks > 0 ? filtered_row : scratch_row;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = first + i;
-    slice_rows<kCorners>(step, p, chunks, pass.sequential_rounding, filtered);
+    slice_rows<kCorners, Id>(step, p, chunks, pass.sequential_rounding, filtered);
     if (step.scale_after) {
       const float n = step.norm[p];
       for (int64_t j = 0; j < chunks; ++j) filtered[j] *= n;
@@ -1139,6 +1164,27 @@ inline void prefetch_into_l2(const void* data, int64_t bytes) {
   }
 }
 
+// Calls body(corners, id) with corners a std::integral_constant of the kernel's vertex
+// count (3 and 6, the Gaussian and bilateral kernels; 0: read at run time) and id a
+// value of the type its vertex ids are read as (uint16_t where they fit: a stream of
+// 2 bytes per corner instead of 4).
+template <typename Body>
+inline void dispatch_kernel_shape(const KernelStep& step, const Body& body) {
+  const bool narrow = step.narrow_ids != nullptr;
+  switch (step.corners) {
+    case 3:
+      narrow ? body(std::integral_constant<int, 3>{}, uint16_t{})
+             : body(std::integral_constant<int, 3>{}, int32_t{});
+      break;
+    case 6:
+      narrow ? body(std::integral_constant<int, 6>{}, uint16_t{})
+             : body(std::integral_constant<int, 6>{}, int32_t{});
+      break;
+    default:
+      body(std::integral_constant<int, 0>{}, int32_t{});
+  }
+}
+
 // For points [begin, end): if `update_q`, q = softmax(-unary - sum_k compat_k(
 // slice_k)) (the kernels only when `slice`), kept in `pass.q` when `store_q`; then, if
 // splat targets are set, q is splatted into this task's buffers. kChunks > 0 fixes
@@ -1162,6 +1208,8 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     const PreparedKernel& kernel = *pass.kernels[k];
     KernelStep& step = steps[k];
     step.ids = kernel.lattice.vertex.data();
+    step.narrow_ids = kernel.lattice.narrow_vertex.empty() ? nullptr
+                                                           : kernel.lattice.narrow_vertex.data();
     step.weights = kernel.lattice.weight.data();
     step.norm = kernel.norm.empty() ? nullptr : kernel.norm.data();
     step.blurred = pass.slice ? pass.blurred[k] : nullptr;
@@ -1197,7 +1245,11 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     }
     for (const KernelStep& step : steps) {
       const int64_t corners = points * step.corners;
-      prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
+      if (step.narrow_ids != nullptr) {
+        prefetch_into_l2(step.narrow_ids + ahead * step.corners, corners * sizeof(uint16_t));
+      } else {
+        prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
+      }
       prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
       if (step.norm != nullptr) prefetch_into_l2(step.norm + ahead, points * sizeof(float));
     }
@@ -1212,19 +1264,11 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       const Lanes* base = unary;  // the energies so far
       if (pass.slice) {
         for (const KernelStep& step : steps) {
-          switch (step.corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
-            case 3:
-              add_kernel_messages<3, kChunks>(pass, step, block, count, chunks, base, scratch_row,
-                                              energies);
-              break;
-            case 6:
-              add_kernel_messages<6, kChunks>(pass, step, block, count, chunks, base, scratch_row,
-                                              energies);
-              break;
-            default:
-              add_kernel_messages<0, kChunks>(pass, step, block, count, chunks, base, scratch_row,
-                                              energies);
-          }
+          auto add = [&](auto corners, auto id) {
+            add_kernel_messages<decltype(corners)::value, kChunks, decltype(id)>(
+                pass, step, block, count, chunks, base, scratch_row, energies);
+          };
+          dispatch_kernel_shape(step, add);
           base = energies;
         }
       }
@@ -1243,11 +1287,11 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     }
     if (!do_splat) continue;
     for (const KernelStep& step : steps) {
-      switch (step.corners) {
-        case 3: splat_block<3, kChunks>(step, block, count, chunks, q_rows); break;
-        case 6: splat_block<6, kChunks>(step, block, count, chunks, q_rows); break;
-        default: splat_block<0, kChunks>(step, block, count, chunks, q_rows); break;
-      }
+      auto splat = [&](auto corners, auto id) {
+        splat_block<decltype(corners)::value, kChunks, decltype(id)>(step, block, count, chunks,
+                                                                   q_rows);
+      };
+      dispatch_kernel_shape(step, splat);
     }
   }
 }
