@@ -1040,26 +1040,26 @@ void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t c
   const int corners = kCorners > 0 ? kCorners : step.corners;
   if constexpr (kChunks > 0) chunks = kChunks;
   const int64_t stride = chunks * kLanes;
-  Lanes scaled[kChunks > 0 ? kChunks : 1];
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = first + i;
     const Id* ids = step_ids<Id>(step) + p * corners;
     const float* weights = step.weights + p * corners;
     const Lanes* values = q + i * chunks;
     if constexpr (kChunks > 0) {
-      if (step.scale_before) {
-        const Lanes n = broadcast(step.norm[p]);
-        for (int64_t j = 0; j < kChunks; ++j) scaled[j] = n * values[j];
-        values = scaled;
-      }
-    }
-    for (int r = 0; r < corners; ++r) {
-      Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
-      if constexpr (kChunks > 0) {
+      // The pixel's q in registers: read through `values`, it would be loaded again
+      // for every vertex, as a store to a lattice row might have changed it.
+      Lanes local[kChunks];
+      const Lanes n = broadcast(step.scale_before ? step.norm[p] : 1.0f);
+      for (int64_t j = 0; j < kChunks; ++j) local[j] = step.scale_before ? n * values[j] : values[j];
+      for (int r = 0; r < corners; ++r) {
+        Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
         const Lanes w = broadcast(weights[r]);
-        for (int64_t j = 0; j < kChunks; ++j) row[j] = multiply_add(w, values[j], row[j]);
-      } else {
-        const float n = step.scale_before ? step.norm[p] : 1.0f;
+        for (int64_t j = 0; j < kChunks; ++j) row[j] = multiply_add(w, local[j], row[j]);
+      }
+    } else {
+      const float n = step.scale_before ? step.norm[p] : 1.0f;
+      for (int r = 0; r < corners; ++r) {
+        Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
         for (int64_t j = 0; j < chunks; ++j) {
           row[j] = multiply_add(broadcast(weights[r]), n * values[j], row[j]);
         }
