@@ -87,6 +87,36 @@ inline Lanes all_lanes_sum(Lanes v) {
   return v;
 }
 
+// The same for four vectors at once, sharing the shuffles: v[i] becomes its max, or 1
+// / its sum (one division for the four), in every lane. 15 operations instead of 24;
+// the sums associate as all_lanes_sum's, so they are the same floats.
+enum class LaneReduction { kMax, kInverseSum };
+
+template <LaneReduction kReduction>
+inline void all_lanes_reduce4(Lanes* v) {
+  auto combine = [](Lanes a, Lanes b) {
+    if constexpr (kReduction == LaneReduction::kMax) {
+      return a > b ? a : b;
+    } else {
+      return a + b;
+    }
+  };
+  // Lanes i and i + 4 (the halves) of v0 | v1 and of v2 | v3.
+  const IntLanes low_halves = {0, 1, 2, 3, 8, 9, 10, 11}, high_halves = {4, 5, 6, 7, 12, 13, 14, 15};
+  const Lanes w01 = combine(__builtin_shuffle(v[0], v[1], low_halves),
+                            __builtin_shuffle(v[0], v[1], high_halves));
+  const Lanes w23 = combine(__builtin_shuffle(v[2], v[3], low_halves),
+                            __builtin_shuffle(v[2], v[3], high_halves));
+  // Lanes i and i + 2: rows 0, 2, 1, 3 by pairs of lanes.
+  const Lanes pairs = combine(__builtin_shuffle(w01, w23, IntLanes{0, 1, 8, 9, 4, 5, 12, 13}),
+                              __builtin_shuffle(w01, w23, IntLanes{2, 3, 10, 11, 6, 7, 14, 15}));
+  // Lanes i and i + 1: every lane holds its row's result, rows 0, 0, 2, 2, 1, 1, 3, 3.
+  Lanes rows = combine(pairs, __builtin_shuffle(pairs, IntLanes{1, 0, 3, 2, 5, 4, 7, 6}));
+  if constexpr (kReduction == LaneReduction::kInverseSum) rows = 1.0f / rows;
+  const int lane_of_row[4] = {0, 4, 2, 6};
+  for (int i = 0; i < 4; ++i) v[i] = __builtin_shuffle(rows, IntLanes{} + lane_of_row[i]);
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the max) to about 1 ulp: Cephes' expf,
 // 2^n * P(r) with x = n ln2 + r, on eight lanes at once. Below -87 the result would
 // leave the normal range; it is clamped there (< 2e-38 of the largest term). With
@@ -1132,9 +1162,10 @@ inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_m
     for (int64_t j = 1; j < chunks; ++j) {
       top[i] = top[i] > energy[i * chunks + j] ? top[i] : energy[i * chunks + j];
     }
-    top[i] = all_lanes_max(top[i]);
+    if constexpr (kRows != 4) top[i] = all_lanes_max(top[i]);
     total[i] = Lanes{};
   }
+  if constexpr (kRows == 4) all_lanes_reduce4<LaneReduction::kMax>(top);
   for (int64_t j = 0; j < chunks; ++j) {
     for (int i = 0; i < kRows; ++i) {
       Lanes& out = q[i * chunks + j];
@@ -1143,9 +1174,13 @@ inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_m
       total[i] += out;
     }
   }
+  if constexpr (kRows == 4) {
+    all_lanes_reduce4<LaneReduction::kInverseSum>(total);  // one division for four rows
+  } else {
+    for (int i = 0; i < kRows; ++i) total[i] = 1.0f / all_lanes_sum(total[i]);
+  }
   for (int i = 0; i < kRows; ++i) {
-    const Lanes inverse = 1.0f / all_lanes_sum(total[i]);
-    for (int64_t j = 0; j < chunks; ++j) q[i * chunks + j] *= inverse;
+    for (int64_t j = 0; j < chunks; ++j) q[i * chunks + j] *= total[i];
   }
 }
 
