@@ -188,10 +188,13 @@ def test_normalizations_and_compatibilities(make_case, normalization, kind):
         assert_marginals_match(ours, theirs)
 
 
-@pytest.mark.parametrize("labels", [1, 2, 81])
+@pytest.mark.parametrize("labels", [1, 2, 19, 22, 81])
 @pytest.mark.parametrize("make_case", [structured_case, random_case], ids=["photo", "noise"])
 def test_label_counts(make_case, labels):
-    """1 and 2 labels (pydensecrf's scalar filter path) and 81 labels, at 29x19."""
+    """1 and 2 labels (pydensecrf's scalar filter path), 19, 22 and 81 labels, at 29x19.
+    The CPU op keeps a kernel's weights in the padding lanes of the -unary rows where
+    they fit: the bilateral kernel's at 1, 2 and 81 labels, the Gaussian's at 19 (and
+    21), none at 22."""
     image, unary = make_case(29, 19, labels, seed=labels)
     gaussian, bilateral = (3, 3), (30, 13, 5)
     ours = crf_2d(wcrf, image, unary, gaussian, bilateral).inference(10)

@@ -232,7 +232,7 @@ class KeyTable {
     }
     // At most d + 1 vertices per point, and d + 1 for the padding points.
     const int64_t most_vertices = (points + 1) * (key_size + 1);
-    in_words_ = packing.exact && packing.bits <= 64 - kIdBits && most_vertices < kIdMask;
+    in_words_ = packing.exact && packing.bits <= 64 - kIdBits && static_cast<uint64_t>(most_vertices) < kIdMask;
     size_t capacity = 1 << 12;
     while (capacity < static_cast<size_t>(points) / 8) capacity *= 2;
     rehash(capacity);
@@ -1007,6 +1007,10 @@ struct MeanFieldPass {
   std::vector<const Compatibility*> compat;
   std::vector<float> alpha;            // per kernel
   Lanes last_chunk_mask{};             // 1 on the real labels of the last chunk, else 0
+  IntLanes last_chunk_labels{};        // -1 on the real labels of the last chunk, else 0
+  // The kernel whose weights ride in the padding lanes of the -unary rows (lanes
+  // labels .. labels + corners - 1), or -1: a stream less for every pass.
+  int packed_kernel = -1;
   bool update_q = false;               // recompute q = softmax(energy)
   bool store_q = false;                // keep the recomputed q in `q` (else splat it only)
   bool slice = false;                  // energy includes the kernels (else -unary alone)
@@ -1019,7 +1023,8 @@ struct MeanFieldPass {
 struct KernelStep {
   const int32_t* ids = nullptr;    // (N, corners) vertex ids + 1
   const uint16_t* narrow_ids = nullptr;  // the same as uint16, or null
-  const float* weights = nullptr;  // (N, corners) barycentric weights
+  const float* weights = nullptr;  // barycentric weights: point p's at p * weight_stride
+  int64_t weight_stride = 0;       // corners, or the -unary row stride when packed there
   const float* norm = nullptr;     // (N) normaliser, or null
   const float* blurred = nullptr;  // values to slice, or null
   float* splat = nullptr;          // this task's splat buffer, or null
@@ -1048,7 +1053,7 @@ inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool s
   const int corners = kCorners > 0 ? kCorners : step.corners;
   const int64_t stride = chunks * kLanes;
   const Id* ids = step_ids<Id>(step) + p * corners;
-  const float* weights = step.weights + p * corners;
+  const float* weights = step.weights + p * step.weight_stride;
   for (int64_t j = 0; j < chunks; ++j) filtered[j] = Lanes{};
   for (int r = 0; r < corners; ++r) {
     const Lanes* row = as_lanes(step.blurred + int64_t{ids[r]} * stride);
@@ -1073,7 +1078,7 @@ void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t c
   for (int64_t i = 0; i < count; ++i) {
     const int64_t p = first + i;
     const Id* ids = step_ids<Id>(step) + p * corners;
-    const float* weights = step.weights + p * corners;
+    const float* weights = step.weights + p * step.weight_stride;
     const Lanes* values = q + i * chunks;
     if constexpr (kChunks > 0) {
       // The pixel's q in registers: read through `values`, it would be loaded again
@@ -1148,20 +1153,26 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
 }
 
 // q = softmax(energy) over each of kRows label rows (rows of `chunks` vectors; kChunks
-// > 0 fixes that). Padding lanes hold -inf energy (they never receive a message), so
-// they drop out of the max; after exp the mask zeroes them. Each row's exps form a
+// > 0 fixes that). Padding lanes (0 in `last_chunk_labels`) may hold anything (a
+// kernel's weights, see MeanFieldPass::packed_kernel): they are taken as -inf, so they
+// drop out of the max, and after exp the mask zeroes them. Each row's exps form a
 // long dependent chain; several rows in lockstep give the CPU independent work to
 // overlap: four rows cut the whole op for PSA's parameters from 132 to 127 ms (one
 // thread, 21 labels; eight rows were slower than four).
 template <int kRows, int kChunks>
-inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask, Lanes* q) {
+inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask,
+                         IntLanes last_chunk_labels, Lanes* q) {
   if constexpr (kChunks > 0) chunks = kChunks;
+  const Lanes minus_infinity = broadcast(-std::numeric_limits<float>::infinity());
+  Lanes last[kRows];  // the last chunks, padding lanes -inf
+  for (int i = 0; i < kRows; ++i) {
+    last[i] = last_chunk_labels != 0 ? energy[i * chunks + chunks - 1] : minus_infinity;
+  }
+  auto at = [&](int i, int64_t j) { return j + 1 == chunks ? last[i] : energy[i * chunks + j]; };
   Lanes top[kRows], total[kRows];
   for (int i = 0; i < kRows; ++i) {
-    top[i] = energy[i * chunks];
-    for (int64_t j = 1; j < chunks; ++j) {
-      top[i] = top[i] > energy[i * chunks + j] ? top[i] : energy[i * chunks + j];
-    }
+    top[i] = at(i, 0);
+    for (int64_t j = 1; j < chunks; ++j) top[i] = top[i] > at(i, j) ? top[i] : at(i, j);
     if constexpr (kRows != 4) top[i] = all_lanes_max(top[i]);
     total[i] = Lanes{};
   }
@@ -1169,7 +1180,7 @@ inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_m
   for (int64_t j = 0; j < chunks; ++j) {
     for (int i = 0; i < kRows; ++i) {
       Lanes& out = q[i * chunks + j];
-      out = exp_nonpositive(energy[i * chunks + j] - top[i]);
+      out = exp_nonpositive(at(i, j) - top[i]);
       if (j + 1 == chunks) out *= last_chunk_mask;
       total[i] += out;
     }
@@ -1245,7 +1256,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     step.ids = kernel.lattice.vertex.data();
     step.narrow_ids = kernel.lattice.narrow_vertex.empty() ? nullptr
                                                            : kernel.lattice.narrow_vertex.data();
-    step.weights = kernel.lattice.weight.data();
+    const bool packed = static_cast<int>(k) == pass.packed_kernel;
+    step.weights = packed ? pass.neg_unary + pass.labels : kernel.lattice.weight.data();
+    step.weight_stride = packed ? stride : kernel.lattice.dim + 1;
     step.norm = kernel.norm.empty() ? nullptr : kernel.norm.data();
     step.blurred = pass.slice ? pass.blurred[k] : nullptr;
     step.splat = do_splat ? pass.splat_targets[k * (pass.splat_targets.size() / num_kernels) + task]
@@ -1285,7 +1298,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       } else {
         prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
       }
-      prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
+      if (step.weights != pass.neg_unary + pass.labels) {
+        prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
+      }
       if (step.norm != nullptr) prefetch_into_l2(step.norm + ahead, points * sizeof(float));
     }
   };
@@ -1313,11 +1328,11 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       int64_t i = 0;
       for (; i + kRows <= count; i += kRows) {
         softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
-                                     q_rows + i * chunks);
+                                     pass.last_chunk_labels, q_rows + i * chunks);
       }
       for (; i < count; ++i) {
         softmax_rows<1, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
-                                 q_rows + i * chunks);
+                                 pass.last_chunk_labels, q_rows + i * chunks);
       }
     }
     if (!do_splat) continue;
@@ -1459,8 +1474,22 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   const int64_t tasks = task_count(points, threads);
   const size_t num_kernels = kernels.size();
 
-  // Pixel-major copies of -unary (padding lanes -inf: they take no part in the
-  // softmax) and of the marginals.
+  // The kernel with the most corners that fit the -unary rows' padding lanes rides
+  // there (PSA's 21 labels leave 3: the Gaussian kernel's weights).
+  int packed_kernel = -1;
+  for (size_t k = 0; k < num_kernels; ++k) {
+    const int corners = kernels[k]->lattice.dim + 1;
+    if (corners <= stride - labels &&
+        (packed_kernel < 0 || corners > kernels[packed_kernel]->lattice.dim + 1)) {
+      packed_kernel = static_cast<int>(k);
+    }
+  }
+  const float* packed_weights =
+      packed_kernel < 0 ? nullptr : kernels[packed_kernel]->lattice.weight.data();
+  const int packed_corners = packed_kernel < 0 ? 0 : kernels[packed_kernel]->lattice.dim + 1;
+
+  // Pixel-major copies of -unary (padding lanes -inf, or the packed kernel's weights;
+  // either way they take no part in the softmax) and of the marginals.
   LargeBuffer<float> neg_unary(points * stride);
   LargeBuffer<float> q(points * stride);
   std::vector<uint32_t> bad(tasks, 0);
@@ -1468,6 +1497,10 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
     bad[task] = planes_to_rows(unary, labels, points, stride, -1.0f,
                                -std::numeric_limits<float>::infinity(), begin, end,
                                neg_unary.data());
+    for (int64_t p = begin; p < end && packed_weights != nullptr; ++p) {
+      std::copy_n(packed_weights + p * packed_corners, packed_corners,
+                  neg_unary.data() + p * stride + labels);
+    }
     if (init_q != nullptr) {
       planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.data());
     }
@@ -1483,7 +1516,9 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   pass.q = q.data();
   for (int64_t i = 0; i < kLanes; ++i) {
     pass.last_chunk_mask[i] = (stride - kLanes + i) < labels ? 1.0f : 0.0f;
+    pass.last_chunk_labels[i] = (stride - kLanes + i) < labels ? -1 : 0;
   }
+  pass.packed_kernel = packed_kernel;
   pass.kernels = kernels;
   for (size_t k = 0; k < num_kernels; ++k) {
     pass.compat.push_back(&compat[k]);
