@@ -102,7 +102,8 @@ inline void all_lanes_reduce4(Lanes* v) {
     }
   };
   // Lanes i and i + 4 (the halves) of v0 | v1 and of v2 | v3.
-  const IntLanes low_halves = {0, 1, 2, 3, 8, 9, 10, 11}, high_halves = {4, 5, 6, 7, 12, 13, 14, 15};
+  const IntLanes low_halves = {0, 1, 2, 3, 8, 9, 10, 11};
+  const IntLanes high_halves = {4, 5, 6, 7, 12, 13, 14, 15};
   const Lanes w01 = combine(__builtin_shuffle(v[0], v[1], low_halves),
                             __builtin_shuffle(v[0], v[1], high_halves));
   const Lanes w23 = combine(__builtin_shuffle(v[2], v[3], low_halves),
@@ -219,9 +220,9 @@ KeyPacking key_packing(const int32_t* lowest, const int32_t* highest, int dim) {
 // lookup, no probing (building the Gaussian lattice at 500x375 went from 5.0 to 4.3 ms).
 // Otherwise it is an open-addressing hash table whose slots hold the tag next to the
 // id, so that a probe touches one cache line. Exact tags of up to 40 bits with ids
-// below 2^24 share one 8-byte word per slot (`words_`; else 16-byte `slots_`): the
-// bilateral kernel's table at 500x375 is then 256 KB and stays in L2 beside the
-// streams of the vertex pass.
+// below 2^24 share one 8-byte word per slot (`words_`; else 16-byte `slots_`): half the
+// table, which stays in cache beside the streams of the vertex pass (bilateral lattice
+// at 500x375: 12.4 -> 11.7 ms with the table then at a slot per eight points).
 class KeyTable {
  public:
   KeyTable(int key_size, const KeyPacking& packing, int64_t points)
@@ -232,7 +233,8 @@ class KeyTable {
     }
     // At most d + 1 vertices per point, and d + 1 for the padding points.
     const int64_t most_vertices = (points + 1) * (key_size + 1);
-    in_words_ = packing.exact && packing.bits <= 64 - kIdBits && static_cast<uint64_t>(most_vertices) < kIdMask;
+    in_words_ = packing.exact && packing.bits <= 64 - kIdBits &&
+                static_cast<uint64_t>(most_vertices) < kIdMask;
     // Slots for half the points: photos have a vertex for every 10-20 points in the
     // bilateral kernel, and at that load (under 0.1) lookups seldom probe a second
     // slot (one slot per 8 points: bilateral lattice at 500x375 11.2 ms, not 10.0).
@@ -394,7 +396,7 @@ struct Lattice {
   int64_t num_points = 0;            // N
   int64_t num_vertices = 0;          // V
   LargeBuffer<int32_t> vertex;       // (N, d+1) enclosing vertex ids + 1
-  LargeBuffer<uint16_t> narrow_vertex;  // the same as uint16 when V < 2^16, else empty
+  LargeBuffer<uint16_t> narrow_vertex;  // the same as uint16 when they fit (V < 65535)
   LargeBuffer<float> weight;         // (N, d+1) barycentric weights
   LargeBuffer<int32_t> neighbours;   // (d+1, V, 2) blur neighbour ids + 1, 0 when missing
   int64_t neighbour_span = 0;        // largest |neighbour id - vertex id|
@@ -657,8 +659,8 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   lattice_scale_factors(dim, scale);
 
   // Embed every point (the arithmetic-heavy part, parallel): its simplex
-  // (remainder-0 point and ranks) and barycentric weights.
-  // The rem0s' bounds set the tag packing.
+  // (remainder-0 point and ranks) and barycentric weights, and the bounds of the rem0s,
+  // which set the tag packing.
   LargeBuffer<int32_t> simplex(num_points * 2 * corners);
   const int64_t embed_tasks = task_count(num_points, threads);
   std::vector<Rem0Bounds> task_bounds(embed_tasks);
@@ -1028,6 +1030,7 @@ struct KernelStep {
   const uint16_t* narrow_ids = nullptr;  // the same as uint16, or null
   const float* weights = nullptr;  // barycentric weights: point p's at p * weight_stride
   int64_t weight_stride = 0;       // corners, or the -unary row stride when packed there
+  bool weights_in_unary = false;   // packed into the -unary rows' padding lanes
   const float* norm = nullptr;     // (N) normaliser, or null
   const float* blurred = nullptr;  // values to slice, or null
   float* splat = nullptr;          // this task's splat buffer, or null
@@ -1038,9 +1041,7 @@ struct KernelStep {
   const Compatibility* compat = nullptr;
 };
 
-// filtered = sum over the point's vertices of weight * alpha * blurred row; pydensecrf
-// rounds (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise. kCorners > 0 fixes the
-// vertex count (d+1) at compile time.
+// The step's vertex ids as `Id` (uint16_t: narrow_ids, int32_t: ids).
 template <typename Id>
 inline const Id* step_ids(const KernelStep& step) {
   if constexpr (std::is_same_v<Id, uint16_t>) {
@@ -1050,6 +1051,9 @@ inline const Id* step_ids(const KernelStep& step) {
   }
 }
 
+// filtered = sum over the point's vertices of weight * alpha * blurred row; pydensecrf
+// rounds (w*v)*alpha for <= 2 labels, (w*alpha)*v otherwise. kCorners > 0 fixes the
+// vertex count (d+1) at compile time, Id the type the ids are read as.
 template <int kCorners, typename Id>
 inline void slice_rows(const KernelStep& step, int64_t p, int64_t chunks, bool sequential_rounding,
                        Lanes* filtered) {
@@ -1088,7 +1092,9 @@ void splat_block(const KernelStep& step, int64_t first, int64_t count, int64_t c
       // for every vertex, as a store to a lattice row might have changed it.
       Lanes local[kChunks];
       const Lanes n = broadcast(step.scale_before ? step.norm[p] : 1.0f);
-      for (int64_t j = 0; j < kChunks; ++j) local[j] = step.scale_before ? n * values[j] : values[j];
+      for (int64_t j = 0; j < kChunks; ++j) {
+        local[j] = step.scale_before ? n * values[j] : values[j];
+      }
       for (int r = 0; r < corners; ++r) {
         Lanes* row = as_lanes(step.splat + int64_t{ids[r]} * stride);
         const Lanes w = broadcast(weights[r]);
@@ -1262,6 +1268,7 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
     const bool packed = static_cast<int>(k) == pass.packed_kernel;
     step.weights = packed ? pass.neg_unary + pass.labels : kernel.lattice.weight.data();
     step.weight_stride = packed ? stride : kernel.lattice.dim + 1;
+    step.weights_in_unary = packed;
     step.norm = kernel.norm.empty() ? nullptr : kernel.norm.data();
     step.blurred = pass.slice ? pass.blurred[k] : nullptr;
     step.splat = do_splat ? pass.splat_targets[k * (pass.splat_targets.size() / num_kernels) + task]
@@ -1301,7 +1308,7 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       } else {
         prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
       }
-      if (step.weights != pass.neg_unary + pass.labels) {
+      if (!step.weights_in_unary) {  // else they come with the -unary rows
         prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
       }
       if (step.norm != nullptr) prefetch_into_l2(step.norm + ahead, points * sizeof(float));
