@@ -227,8 +227,8 @@ def test_generic_features_and_embedding_padding(count, dim, spread):
     vectorised embedding; with `spread`, the points form clusters that far apart. The
     vertex map's forms: a plain array for keys packed into few bits (2001 points, d =
     2); keys packed into 40 bits or fewer share a word with the id (no spread); 300 for
-    d = 5 and 2e5 for d = 3 need 41-64 bits (16-byte slots); 2e5
-    for d = 5 no longer packs into 64 bits (hashed keys)."""
+    d = 5, 2e5 for d = 3 and 1e6 for d = 2 need 41-64 bits (16-byte slots); 2e5 for
+    d = 5 no longer packs into 64 bits (hashed keys)."""
     rng = np.random.default_rng(count)
     centres = rng.uniform(0.0, spread, size=(dim, 8))
     features = centres[:, rng.integers(0, 8, size=count)] + rng.uniform(0.3, 3.0, (dim, count))
@@ -358,7 +358,7 @@ def test_one_thread_blur_wavefront_matches_reference(one_thread):
 
 
 def test_lattice_with_more_vertices_than_16_bit_ids_matches_reference(one_thread):
-    """The passes read vertex ids as uint16 where a lattice has fewer than 2^16
+    """The passes read vertex ids as uint16 where a lattice has fewer than 65535
     vertices, as int32 otherwise: the Gaussian kernel at sxy = 1 on 300x250 pixels
     has about 86k vertices (the bilateral here a few hundred), so both kinds meet."""
     image = small_photo(PHOTOS[0], 300, 250)

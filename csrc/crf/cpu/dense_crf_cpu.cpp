@@ -1011,7 +1011,6 @@ struct MeanFieldPass {
   std::vector<const PreparedKernel*> kernels;
   std::vector<const Compatibility*> compat;
   std::vector<float> alpha;            // per kernel
-  Lanes last_chunk_mask{};             // 1 on the real labels of the last chunk, else 0
   IntLanes last_chunk_labels{};        // -1 on the real labels of the last chunk, else 0
   // The kernel whose weights ride in the padding lanes of the -unary rows (lanes
   // labels .. labels + corners - 1), or -1: a stream less for every pass.
@@ -1169,8 +1168,8 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
 // overlap: four rows cut the whole op for PSA's parameters from 132 to 127 ms (one
 // thread, 21 labels; eight rows were slower than four).
 template <int kRows, int kChunks>
-inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_mask,
-                         IntLanes last_chunk_labels, Lanes* q) {
+inline void softmax_rows(const Lanes* energy, int64_t chunks, IntLanes last_chunk_labels,
+                         Lanes* q) {
   if constexpr (kChunks > 0) chunks = kChunks;
   const Lanes minus_infinity = broadcast(-std::numeric_limits<float>::infinity());
   Lanes last[kRows];  // the last chunks, padding lanes -inf
@@ -1190,7 +1189,9 @@ inline void softmax_rows(const Lanes* energy, int64_t chunks, Lanes last_chunk_m
     for (int i = 0; i < kRows; ++i) {
       Lanes& out = q[i * chunks + j];
       out = exp_nonpositive(at(i, j) - top[i]);
-      if (j + 1 == chunks) out *= last_chunk_mask;
+      if (j + 1 == chunks) {  // exp(-87) is not 0: clear the padding lanes' bits
+        out = reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(out) & last_chunk_labels);
+      }
       total[i] += out;
     }
   }
@@ -1287,9 +1288,9 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   Lanes* scratch_row = q_block + kBlockPoints * chunks;
 
   // A pass streams the per-point arrays from memory (at 500x375 with 21 labels: the
-  // -unary rows, 18 MB, the kernels' corners and weights, 13.5 MB, and the normalisers
-  // of NORMALIZE_BEFORE / AFTER), and the hardware prefetchers leave the slices waiting
-  // for them. Prefetching a block's share four blocks ahead cut the whole op for PSA's
+  // -unary rows, 18 MB with the Gaussian kernel's weights, the other corners and
+  // weights, 7.9 MB with uint16 ids, and the normalisers of NORMALIZE_BEFORE / AFTER),
+  // and the hardware prefetchers leave the slices waiting for them. Prefetching a block's share four blocks ahead cut the whole op for PSA's
   // parameters (lattices and 10 steps, one thread) from 137 to 127 ms: the -unary rows
   // most of it, the rest 1-3 ms (ahead 2 to 8 blocks measure alike; into L1 instead of
   // L2 it was 9 ms slower). Prefetching the lattice rows the block will touch made it
@@ -1337,12 +1338,12 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       constexpr int kRows = kChunks == 0 ? 1 : kChunks <= 3 ? 4 : kChunks <= 6 ? 2 : 1;
       int64_t i = 0;
       for (; i + kRows <= count; i += kRows) {
-        softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
-                                     pass.last_chunk_labels, q_rows + i * chunks);
+        softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_labels,
+                                     q_rows + i * chunks);
       }
       for (; i < count; ++i) {
-        softmax_rows<1, kChunks>(base + i * chunks, chunks, pass.last_chunk_mask,
-                                 pass.last_chunk_labels, q_rows + i * chunks);
+        softmax_rows<1, kChunks>(base + i * chunks, chunks, pass.last_chunk_labels,
+                                 q_rows + i * chunks);
       }
     }
     if (!do_splat) continue;
@@ -1525,7 +1526,6 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   pass.neg_unary = neg_unary.data();
   pass.q = q.data();
   for (int64_t i = 0; i < kLanes; ++i) {
-    pass.last_chunk_mask[i] = (stride - kLanes + i) < labels ? 1.0f : 0.0f;
     pass.last_chunk_labels[i] = (stride - kLanes + i) < labels ? -1 : 0;
   }
   pass.packed_kernel = packed_kernel;
