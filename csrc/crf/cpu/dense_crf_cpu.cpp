@@ -21,6 +21,7 @@
 #if defined(__AVX__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -724,9 +725,14 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table),
   // in batches of vertices: all their neighbours' tags first, slots prefetched, then
   // the lookups. With exact tags a neighbour's tag is the vertex's plus or minus units.
+  // Each task also finds the largest |neighbour id - vertex id| among its vertices,
+  // for the blur's wavefront.
   constexpr int64_t kBatch = 32;
   lattice.neighbours.resize(corners * vertices * 2);
-  for_each_task(vertices, task_count(vertices, threads), [&](int64_t, int64_t begin, int64_t end) {
+  const int64_t neighbour_tasks = task_count(vertices, threads);
+  std::vector<int64_t> task_span(neighbour_tasks, 0);
+  for_each_task(vertices, neighbour_tasks, [&](int64_t task, int64_t begin, int64_t end) {
+    int64_t span = 0;
     int32_t neighbour[2][kMaxFeatureDim + 1];
     uint64_t tags[kBatch][2 * (kMaxFeatureDim + 1)];
     // The keys of vertex v's two neighbours along `axis`, into `neighbour`.
@@ -767,24 +773,16 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
           int32_t* out = lattice.neighbours.data() + (axis * vertices + v) * 2;
           for (int side = 0; side < 2; ++side) {
             const uint64_t tag = tags[v - first][2 * axis + side];
-            out[side] = table.find(table.exact() ? nullptr : neighbour[side], tag) + 1;
+            const int32_t id = table.find(table.exact() ? nullptr : neighbour[side], tag);
+            out[side] = id + 1;
+            if (id >= 0) span = std::max<int64_t>(span, std::abs(int64_t{id} - v));
           }
         }
       }
     }
+    task_span[task] = span;
   });
-  // The largest |neighbour id - vertex id|, for the blur's wavefront.
-  int32_t span = 0;
-  for (int axis = 0; axis <= dim; ++axis) {
-    const int32_t* pairs = lattice.neighbours.data() + axis * vertices * 2;
-    for (int32_t v = 0; v < static_cast<int32_t>(vertices); ++v) {
-      for (int side = 0; side < 2; ++side) {
-        const int32_t distance = pairs[2 * v + side] - 1 - v;  // id + 1, 0 when missing
-        if (pairs[2 * v + side] > 0) span = std::max(span, std::max(distance, -distance));
-      }
-    }
-  }
-  lattice.neighbour_span = span;
+  lattice.neighbour_span = *std::max_element(task_span.begin(), task_span.end());
   return lattice;
 }
 
