@@ -538,8 +538,8 @@ void embed_eight_points(const float* features, int64_t stride, const float* scal
 
   // Back to one row per point. With AVX-512, 8x8 register transposes of the d+1
   // vectors, then masked stores of each row's d+1 lanes: the bilateral lattice at
-  // 500x375 took 10.8 ms instead of 11.6 (AVX2's masked stores are microcoded on AMD
-  // and were slower than the lane-by-lane copy).
+  // 500x375 took 10.8 ms instead of 11.6 (AVX2's masked stores are slow on AMD:
+  // slower than the lane-by-lane copy).
   IntLanes rem0_int[corners];
   for (int i = 0; i <= d; ++i) rem0_int[i] = __builtin_convertvector(rem0[i], IntLanes);
 #if defined(__AVX512F__) && defined(__AVX512VL__)
