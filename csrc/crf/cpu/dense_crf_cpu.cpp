@@ -1344,36 +1344,40 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
   // A pass streams the per-point arrays from memory (at 500x375 with 21 labels: the
   // -unary rows, 18 MB with the Gaussian kernel's weights, the other corners and
   // weights, 7.9 MB with uint16 ids, and the normalisers of NORMALIZE_BEFORE / AFTER),
-  // and the hardware prefetchers leave the slices waiting for them. Prefetching a block's share four blocks ahead cut the whole op for PSA's
-  // parameters (lattices and 10 steps, one thread) from 137 to 127 ms: the -unary rows
-  // most of it, the rest 1-3 ms (ahead 2 to 8 blocks measure alike; into L1 instead of
-  // L2 it was 9 ms slower). Prefetching the lattice rows the block will touch made it
-  // slower.
+  // and the hardware prefetchers leave the slices waiting for them. Prefetching their
+  // share four blocks ahead cut the whole op for PSA's parameters (lattices and 10
+  // steps, one thread) from 137 to 127 ms: the -unary rows most of it, the rest 1-3 ms
+  // (ahead 2 to 8 blocks measure alike; into L1 instead of L2 it was 9 ms slower).
+  // The prefetches go out a few lines at a time, one softmax group's share before each
+  // group, not as a burst of some 70 lines at the start of the block: inference(10)
+  // min 83.4 -> 78.3 ms, q25 84.7 -> 81.7 (30 rounds). Prefetching the lattice rows
+  // the block will touch made it slower.
   constexpr int64_t kPrefetchBlocks = 4;
-  auto prefetch_block = [&](int64_t ahead) {
-    if (ahead + kBlockPoints > end) return;
-    const int64_t points = kBlockPoints;
+  // Prefetches the streams of points [first, first + points).
+  auto prefetch_points = [&](int64_t first, int64_t points) {
+    if (first + points > end) return;
     if (pass.update_q) {
-      prefetch_into_l2(pass.neg_unary + ahead * stride, points * stride * sizeof(float));
+      prefetch_into_l2(pass.neg_unary + first * stride, points * stride * sizeof(float));
     }
     for (const KernelStep& step : steps) {
       const int64_t corners = points * step.corners;
       if (step.narrow_ids != nullptr) {
-        prefetch_into_l2(step.narrow_ids + ahead * step.corners, corners * sizeof(uint16_t));
+        prefetch_into_l2(step.narrow_ids + first * step.corners, corners * sizeof(uint16_t));
       } else {
-        prefetch_into_l2(step.ids + ahead * step.corners, corners * sizeof(int32_t));
+        prefetch_into_l2(step.ids + first * step.corners, corners * sizeof(int32_t));
       }
       if (!step.weights_in_unary) {  // else they come with the -unary rows
-        prefetch_into_l2(step.weights + ahead * step.corners, corners * sizeof(float));
+        prefetch_into_l2(step.weights + first * step.corners, corners * sizeof(float));
       }
-      if (step.norm != nullptr) prefetch_into_l2(step.norm + ahead, points * sizeof(float));
+      if (step.norm != nullptr) prefetch_into_l2(step.norm + first, points * sizeof(float));
     }
   };
 
   for (int64_t block = begin; block < end; block += kBlockPoints) {
     const int64_t count = std::min(kBlockPoints, end - block);
     Lanes* q_rows = as_lanes(pass.q + block * stride);
-    prefetch_block(block + kPrefetchBlocks * kBlockPoints);
+    const int64_t ahead = block + kPrefetchBlocks * kBlockPoints;
+    if (!pass.update_q) prefetch_points(ahead, kBlockPoints);  // no softmax groups
     if (pass.update_q) {
       const Lanes* unary = as_lanes(pass.neg_unary + block * stride);
       const Lanes* base = unary;  // the energies so far
@@ -1390,8 +1394,10 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
       if (!pass.store_q) q_rows = q_block;
       // Rows in lockstep while their vectors fit the registers.
       constexpr int kRows = kChunks == 0 ? 1 : kChunks <= 3 ? 4 : kChunks <= 6 ? 2 : 1;
+      static_assert(kBlockPoints % kRows == 0, "a full block's groups prefetch a whole block");
       int64_t i = 0;
       for (; i + kRows <= count; i += kRows) {
+        prefetch_points(ahead + i, kRows);
         softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_labels,
                                      q_rows + i * chunks);
       }
