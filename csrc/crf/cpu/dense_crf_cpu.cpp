@@ -572,6 +572,23 @@ void embed_eight_points(const float* features, int64_t stride, const float* scal
 }
 #endif
 
+// Calls body(std::integral_constant<int, d>) for the feature dimensions with code of
+// their own, 2 and 5 (the Gaussian and bilateral kernels), else body with 0 (d read
+// at run time).
+template <typename Body>
+inline void dispatch_feature_dim(int dim, const Body& body) {
+  switch (dim) {
+    case 2:
+      body(std::integral_constant<int, 2>{});
+      break;
+    case 5:
+      body(std::integral_constant<int, 5>{});
+      break;
+    default:
+      body(std::integral_constant<int, 0>{});
+  }
+}
+
 // Per coordinate, the smallest and largest remainder-0 coordinates seen (both start
 // at 0: the origin is among them for pydensecrf's padding points).
 struct Rem0Bounds {
@@ -714,16 +731,10 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     int32_t* simplices = simplex.data();
     float* weights = lattice.weight.data();
     Rem0Bounds& bounds = task_bounds[task];
-    switch (dim) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
-      case 2:
-        embed_points<2>(features, stride, dim, scale, begin, end, simplices, weights, bounds);
-        break;
-      case 5:
-        embed_points<5>(features, stride, dim, scale, begin, end, simplices, weights, bounds);
-        break;
-      default:
-        embed_points<0>(features, stride, dim, scale, begin, end, simplices, weights, bounds);
-    }
+    dispatch_feature_dim(dim, [&](auto fixed) {
+      embed_points<decltype(fixed)::value>(features, stride, dim, scale, begin, end, simplices,
+                                           weights, bounds);
+    });
   });
   Rem0Bounds bounds;
   for (const Rem0Bounds& part : task_bounds) {
@@ -736,16 +747,10 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   if (table.exact()) {
     // Fixed sizes keep a point's tags in registers: the Gaussian lattice at 500x375
     // went from 4.3 to 3.7 ms, the bilateral from 12.9 to 12.3.
-    switch (dim) {
-      case 2:
-        assign_vertices_exact<2>(simplex.data(), dim, num_points, table, lattice.vertex.data());
-        break;
-      case 5:
-        assign_vertices_exact<5>(simplex.data(), dim, num_points, table, lattice.vertex.data());
-        break;
-      default:
-        assign_vertices_exact<0>(simplex.data(), dim, num_points, table, lattice.vertex.data());
-    }
+    dispatch_feature_dim(dim, [&](auto fixed) {
+      assign_vertices_exact<decltype(fixed)::value>(simplex.data(), dim, num_points, table,
+                                                    lattice.vertex.data());
+    });
   } else {
     assign_vertices_hashed(simplex.data(), dim, num_points, table, lattice.vertex.data());
   }
@@ -961,11 +966,11 @@ struct PreparedKernel {
 // blurred splat of ones, V + 1 rows) is given, their normaliser: folded into the
 // weights when `symmetric`, else into `norm`. One pass over the ids and weights for
 // both (at 500x375 the two passes they were took 1.2 and 1.9 ms for the Gaussian and
-// bilateral lattices). kCorners > 0 fixes d + 1 at compile time.
-template <int kCorners>
+// bilateral lattices). kDim > 0 fixes d at compile time.
+template <int kDim>
 void finish_points(Lattice& lattice, const float* blurred, bool symmetric, float* norm,
                    int64_t begin, int64_t end) {
-  const int corners = kCorners > 0 ? kCorners : lattice.dim + 1;
+  const int corners = (kDim > 0 ? kDim : lattice.dim) + 1;
   const float alpha = lattice_alpha(lattice.dim);
   uint16_t* narrow = lattice.narrow_vertex.empty() ? nullptr : lattice.narrow_vertex.data();
   for (int64_t p = begin; p < end; ++p) {
@@ -1011,16 +1016,9 @@ PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, in
   if (mode == kNormalizeBefore || mode == kNormalizeAfter) kernel.norm.resize(points);
   for_each_task(points, task_count(points, threads), [&](int64_t, int64_t begin, int64_t end) {
     float* norm = kernel.norm.data();
-    switch (corners) {  // the Gaussian (d = 2) and bilateral (d = 5) kernels
-      case 3:
-        finish_points<3>(lattice, blurred, symmetric, norm, begin, end);
-        break;
-      case 6:
-        finish_points<6>(lattice, blurred, symmetric, norm, begin, end);
-        break;
-      default:
-        finish_points<0>(lattice, blurred, symmetric, norm, begin, end);
-    }
+    dispatch_feature_dim(dim, [&](auto fixed) {
+      finish_points<decltype(fixed)::value>(lattice, blurred, symmetric, norm, begin, end);
+    });
   });
   return kernel;
 }
@@ -1590,8 +1588,10 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
       int64_t line = 2 * static_cast<int64_t>(k) * (tasks + 2) + 1;
       values[k] = LatticeValues(size, 16 * line);
       sums[k] = LatticeValues(size, 16 * (line + 2));
-      for (int64_t t = 0; t < tasks && tasks > 1; ++t) {
-        splat[k * tasks + t] = LatticeValues(size, 16 * (line + 4 + 2 * t));
+      if (tasks > 1) {
+        for (int64_t t = 0; t < tasks; ++t) {
+          splat[k * tasks + t] = LatticeValues(size, 16 * (line + 4 + 2 * t));
+        }
       }
     }
   }
@@ -1603,7 +1603,8 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
   // Sums the task buffers into `sums` in task order and clears them.
   auto gather_splats = [&]() {
-    for (size_t k = 0; k < num_kernels && tasks > 1; ++k) {
+    if (tasks == 1) return;  // the pass splatted into `sums` itself
+    for (size_t k = 0; k < num_kernels; ++k) {
       const int64_t rows = kernels[k]->lattice.num_vertices + 1;
       for_each_task(rows, task_count(rows, threads), [&](int64_t, int64_t begin, int64_t end) {
         float* target = sums[k].data();
