@@ -722,7 +722,7 @@ void assign_vertices_exact(const int32_t* simplex, int runtime_dim, int64_t num_
   constexpr int64_t kChunkPoints = 256;
   uint64_t list_tags[kChunkPoints * (kMaxFeatureDim + 1)];
   int32_t list_at[kChunkPoints * (kMaxFeatureDim + 1)];  // where the id goes in the chunk
-  uint64_t previous[kMaxFeatureDim + 1];
+  uint64_t previous[kMaxFeatureDim + 1] = {};  // GCC cannot see that point 0 lists all
   for (int64_t first = 0; first < num_points; first += kChunkPoints) {
     const int64_t count = std::min(kChunkPoints, num_points - first);
     int32_t* chunk_ids = vertex + first * corners;
