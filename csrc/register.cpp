@@ -18,7 +18,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(wsss_fast, m) {
   m.def(
       "dense_crf_inference(Tensor unary, Tensor[] features, Tensor[] compat, "
-      "int[] normalization, int iterations, Tensor? init_q=None) -> Tensor");
+      "int[] normalization, int iterations, Tensor? init_q=None, int grid_width=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(wsss_fast, CPU, m) {

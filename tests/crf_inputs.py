@@ -212,7 +212,8 @@ def opcheck_arguments(device) -> list[tuple[tuple, dict]]:
 
     Small (B=2, M=3, N=35) inputs on ``device`` covering shared (expanded) and own
     features, Potts / diagonal / matrix compatibilities, every normalisation,
-    init_q, no kernel and zero iterations.
+    init_q, no kernel and zero iterations; and (B=1, M=3, N=2*130) points of a
+    130-pixel-wide image, visited in strips (grid_width).
     """
     generator = torch.Generator().manual_seed(0)
 
@@ -226,10 +227,13 @@ def opcheck_arguments(device) -> list[tuple[tuple, dict]]:
     diagonal = (-rand(3) * 3).to(device)
     matrix = (-rand(3, 3) * 3).to(device)
     init_q = torch.softmax(torch.randn(2, 3, 35, generator=generator), dim=1).to(device)
+    grid_unary = (rand(1, 3, 260) * 3).to(device)
+    grid_bilateral = (rand(1, 5, 260) * 4).to(device)
     return [
         ((unary, [gaussian, bilateral], [potts, potts], [3, 3], 2), {}),
         ((unary, [gaussian, bilateral], [diagonal, matrix], [0, 1], 1), {}),
         ((unary, [bilateral], [potts], [2], 3), {"init_q": init_q}),
         ((unary[:, :1], [], [], [], 2), {}),
         ((unary, [gaussian], [potts], [3], 0), {}),
+        ((grid_unary, [grid_bilateral], [potts], [3], 2), {"grid_width": 130}),
     ]

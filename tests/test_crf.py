@@ -32,7 +32,7 @@ from tests.crf_inputs import (
 from wsss_fast._extension import has_cuda_kernels
 from wsss_fast.ops import dense_crf, dense_crf_inference
 from wsss_fast.ops._backend import BACKEND_ENV_VAR
-from wsss_fast.ops.dense_crf import pixel_grid_features
+from wsss_fast.ops.dense_crf import STRIP_ORDER_MIN_SXY, pixel_grid_features, strip_grid_width
 from wsss_fast.reference import dense_crf as reference
 
 try:
@@ -369,6 +369,59 @@ def test_lattice_with_more_vertices_than_16_bit_ids_matches_reference(one_thread
     assert_marginals_match(ours, expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("labels", [21, 22])
+def test_strip_order_equals_raster_order(labels, threads):
+    """With grid_width, the CPU op visits the pixels in vertical strips of 64 columns
+    (141 = 64 + 64 + 13 here) instead of raster order: the same marginals up to the
+    rounding of sums formed in another order, from softmax(-unary) and from init_q.
+    21 labels carry the Gaussian kernel's weights in the -unary rows' padding lanes, 22
+    do not."""
+    image, unary = structured_case(141, 13, labels, seed=labels)
+    args = op_arguments(image, unary)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        raster = OP(*args, 5)
+        strips = OP(*args, 5, grid_width=141)
+        torch.testing.assert_close(strips, raster, rtol=0, atol=1e-6)
+        start = OP(*args, 2, grid_width=141)
+        stepped = OP(*args, 3, start, grid_width=141)
+        torch.testing.assert_close(stepped, raster, rtol=0, atol=1e-6)
+    finally:
+        torch.set_num_threads(saved)
+    expected = reference_2d(image, unary, (3, 3.0), (40, 13, 10.0), 5, wcrf.NORMALIZE_SYMMETRIC)
+    assert_marginals_match(strips[0].numpy(), expected)
+
+
+def test_strip_order_is_chosen_by_the_spatial_scale(monkeypatch):
+    """DenseCRF2D and dense_crf ask for strips when every kernel's spatial standard
+    deviation is at least STRIP_ORDER_MIN_SXY, else (and for features of unknown
+    scale, from addPairwiseEnergy) for raster order."""
+    image, unary = structured_case(141, 13, 4, seed=2)
+    seen = []
+    original = torch.ops.wsss_fast.dense_crf_inference
+
+    def spy(*args):  # the wrapper passes every argument by position
+        seen.append(args[6])
+        return original(*args)
+
+    monkeypatch.setattr(torch.ops.wsss_fast, "dense_crf_inference", spy)
+    crf_2d(wcrf, image, unary, (3, 3), (80, 13, 10)).inference(1)
+    crf_2d(wcrf, image, unary, (1, 3), (80, 13, 10)).inference(1)
+    crf = crf_2d(wcrf, image, unary, (3, 3), None)
+    crf.addPairwiseEnergy(np.ones((2, 141 * 13), np.float32), compat=1.0)
+    crf.inference(1)
+    images = torch.from_numpy(image).permute(2, 0, 1)[None]
+    probs = torch.from_numpy(synthetic_softmax(image, 4, seed=2))[None]
+    dense_crf(images, probs, iterations=1)
+    dense_crf(images, probs, gaussian=(1.5, 3), iterations=1)
+    assert seen == [141, 0, 0, 141, 0]
+    assert strip_grid_width(141, [STRIP_ORDER_MIN_SXY, 80.0]) == 141
+    assert strip_grid_width(141, []) == 141
+    assert strip_grid_width(141, None) == 0
+
+
 def test_reused_buffers_change_no_result():
     """Buffers of a megabyte and more are pooled between calls (csrc/crf/cpu/
     large_buffer.h): a live output must never be handed out again, and a recycled
@@ -449,7 +502,7 @@ def test_reference_backend_agrees_and_is_chosen(monkeypatch):
 # --- opcheck -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(len(opcheck_arguments("cpu"))))
 def test_opcheck(case):
     args, kwargs = opcheck_arguments("cpu")[case]
     torch.library.opcheck(OP, args, kwargs)
@@ -675,6 +728,14 @@ OP_ERRORS = [
     (lambda: OP(UNARY, FEATURES, POTTS, [-1], 1), r"normalization\[0\]"),
     (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, torch.zeros(1, 2, 10)), "init_q"),
     (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, torch.zeros(1, 3, 10).double()), "init_q"),
+    (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, grid_width=-5), "grid_width"),
+    (lambda: OP(UNARY, FEATURES, POTTS, [3], 1, grid_width=4), "grid_width"),
+    (
+        lambda: dense_crf_inference(
+            UNARY, FEATURES, POTTS, [3], 1, grid_width=4, backend="reference"
+        ),
+        "grid_width",
+    ),
 ]
 
 

@@ -322,7 +322,7 @@ def test_dense_crf_on_cuda_tensors():
     assert_marginals_match(on_cuda.cpu().reshape(3, 7, -1), on_cpu.reshape(3, 7, -1))
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(len(opcheck_arguments("cpu"))))
 def test_opcheck(case):
     args, kwargs = opcheck_arguments(DEVICE)[case]
     torch.library.opcheck(OP, args, kwargs)

@@ -31,6 +31,7 @@ from wsss_fast.ops.dense_crf import (
     bilateral_features,
     dense_crf_inference,
     pixel_grid_features,
+    strip_grid_width,
 )
 
 CONST_KERNEL = 0
@@ -159,9 +160,19 @@ class DenseCRF:
         if not isinstance(iterations, int) or iterations < 0:
             raise ValueError(f"n_iterations must be a non-negative int, got {iterations!r}")
         q = dense_crf_inference(
-            self._unary, self._features, self._compat, self._normalization, iterations, init_q
+            self._unary,
+            self._features,
+            self._compat,
+            self._normalization,
+            iterations,
+            init_q,
+            grid_width=self._grid_width(),
         )
         return q[0].cpu().numpy()
+
+    def _grid_width(self) -> int:
+        """The op's grid_width: 0, the variables are no image's pixels."""
+        return 0
 
     def inference(self, n_iterations: int) -> np.ndarray:
         """Runs ``n_iterations`` mean-field steps; returns float32 (nlabels, nvar) marginals."""
@@ -190,6 +201,12 @@ class DenseCRF2D(DenseCRF):
         super().__init__(w * h, nlabels, device=device)
         self._width = w
         self._height = h
+        self._spatial_sigmas: list[float] = []  # of the kernels added with sxy
+
+    def _grid_width(self) -> int:
+        # Kernels from addPairwiseEnergy have features of unknown scale.
+        known = len(self._spatial_sigmas) // 2 == len(self._features)
+        return strip_grid_width(self._width, self._spatial_sigmas if known else None)
 
     def _grid(self, sxy: tuple[float, float]) -> torch.Tensor:
         return pixel_grid_features(self._height, self._width, sxy, "cpu")
@@ -198,7 +215,9 @@ class DenseCRF2D(DenseCRF):
         self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
     ) -> None:
         """Smoothness kernel on the position features (x / sx, y / sy)."""
-        self._add_kernel(self._grid(_positive("sxy", sxy, 2)), compat, kernel, normalization)
+        spatial = _positive("sxy", sxy, 2)
+        self._add_kernel(self._grid(spatial), compat, kernel, normalization)
+        self._spatial_sigmas.extend(spatial)
 
     def addPairwiseBilateral(
         self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC
@@ -218,8 +237,10 @@ class DenseCRF2D(DenseCRF):
                 raise ValueError("rgbim must hold whole numbers in [0, 255] (uint8 RGB)")
             image = image.astype(np.uint8)
         chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0)
-        features = bilateral_features(chw, _positive("sxy", sxy, 2), _positive("srgb", srgb, 3))
+        spatial = _positive("sxy", sxy, 2)
+        features = bilateral_features(chw, spatial, _positive("srgb", srgb, 3))
         self._add_kernel(features[0], compat, kernel, normalization)
+        self._spatial_sigmas.extend(spatial)
 
 
 def unary_from_softmax(sm, scale: float | None = None, clip: float | None = 1e-5) -> np.ndarray:

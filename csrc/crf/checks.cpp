@@ -10,7 +10,8 @@ namespace crf {
 
 void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
                                at::TensorList compat, at::IntArrayRef normalization,
-                               int64_t iterations, const c10::optional<at::Tensor>& init_q) {
+                               int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                               int64_t grid_width) {
   TORCH_CHECK_VALUE(unary.dim() == 3, "unary must have shape (B, M, N), got ", unary.sizes());
   TORCH_CHECK_VALUE(unary.scalar_type() == at::kFloat, "unary must be float32, got ",
                     unary.scalar_type());
@@ -27,6 +28,9 @@ void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
   TORCH_CHECK_VALUE(!check_values || at::isfinite(unary).all().item<bool>(),
                     "unary contains NaN or infinite energies");
   TORCH_CHECK_VALUE(iterations >= 0, "iterations must be >= 0, got ", iterations);
+  TORCH_CHECK_VALUE(grid_width >= 0 && (grid_width == 0 || points % grid_width == 0),
+                    "grid_width must be 0 (points in any order) or an image width dividing N = ",
+                    points, ", got ", grid_width);
   TORCH_CHECK_VALUE(features.size() == compat.size() && compat.size() == normalization.size(),
                     "features, compat and normalization must have one entry per kernel, got ",
                     features.size(), ", ", compat.size(), " and ", normalization.size());

@@ -13,21 +13,27 @@ namespace crf {
 // may be 0 to share one lattice across the batch; compat[k] float32, 0-d (Potts
 // weight), (M,) (diagonal) or (M, M) (matrix, symmetrised); normalization[k] as
 // pydensecrf's NormalizationType; init_q (B, M, N) marginals to start from instead of
-// softmax(-unary). Returns Q (B, M, N) float32 after `iterations` mean-field steps.
+// softmax(-unary); grid_width > 0 says the N points are the pixels of an image that
+// wide in raster order (0: any points), which lets an implementation visit them in a
+// cache-friendlier order. Returns Q (B, M, N) float32 after `iterations` mean-field
+// steps.
 at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
                                    at::TensorList compat, at::IntArrayRef normalization,
-                                   int64_t iterations, const c10::optional<at::Tensor>& init_q);
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                                   int64_t grid_width);
 
 #ifdef WSSS_FAST_WITH_CUDA
 at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, at::TensorList features,
                                     at::TensorList compat, at::IntArrayRef normalization,
-                                    int64_t iterations, const c10::optional<at::Tensor>& init_q);
+                                    int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                                    int64_t grid_width);
 #endif
 
 // Shared argument checks (ValueError on the Python side), used by every device.
 void check_dense_crf_arguments(const at::Tensor& unary, at::TensorList features,
                                at::TensorList compat, at::IntArrayRef normalization,
-                               int64_t iterations, const c10::optional<at::Tensor>& init_q);
+                               int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                               int64_t grid_width);
 
 }  // namespace crf
 }  // namespace wsss_fast

@@ -1,16 +1,18 @@
 // Dense CRF mean-field inference on the CPU.
 //
-// Layout: marginals are pixel-major (N, Mp), Mp = M rounded up to the vector width,
+// Layout: marginals are point-major (N, Mp), Mp = M rounded up to the vector width,
 // so every splat / slice touches whole contiguous label rows; lattice values are
-// (V + 1, Mp) with row 0 the all-zero "missing neighbour" row.
+// (V + 1, Mp) with row 0 the all-zero "missing neighbour" row. The points of an image
+// are kept in the order the passes visit them (PointOrder: raster order, or vertical
+// strips when the op is told the image width).
 //
-// One mean-field step is one pass over the pixels: slice the blurred values of every
+// One mean-field step is one pass over the points: slice the blurred values of every
 // kernel, apply the compatibility, add the unary, softmax, and splat the new
-// marginals straight into the next step's lattice values. Pixels are split into
+// marginals straight into the next step's lattice values. Points are split into
 // contiguous chunks ("tasks"), each splatting into its own buffer; the buffers are
-// then summed in task order. With one task the sums are formed in pixel order, as
-// pydensecrf forms them; the result depends on the task count only through float
-// rounding, never on thread scheduling.
+// then summed in task order. With one task in raster order the sums are formed in
+// pixel order, as pydensecrf forms them; the result depends on the task count and
+// the order only through float rounding, never on thread scheduling.
 //
 // Parallelism: over images when the batch has at least as many images as threads,
 // otherwise over pixels, lattice vertices and buffers within each image.
@@ -472,6 +474,65 @@ int64_t task_count(int64_t work, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(threads, work / kPointsPerTask));
 }
 
+// The order the points of an image are visited in: the order of the per-point arrays
+// (simplices, weights, -unary and q rows) and so of the splats that add up in each
+// lattice row. Reading the inputs and writing the marginals translate; the rest works
+// in this order.
+//
+// Points that are the pixels of an image `width` wide, in raster order, go in vertical
+// strips of kStripColumns columns, each strip top to bottom. In raster order a row of
+// pixels crosses every colour region of the image, and the bilateral kernel's lattice
+// rows it touches no longer fit the caches by the time the next row comes back to
+// them; a strip touches fewer. At 500x375 with 21 labels (one thread, PSA's
+// parameters, lattices and 10 steps) the op took 93.9 ms instead of 99.0 by the lower
+// quartile of 12 alternating rounds (strips of 48: 94.5, 96: 95.8, 128: 97.0; tiles of
+// 32x32 to 64x64 measured like strips of 64). Vertex ids follow the points' order:
+// ids in pixel order cost more than the strips saved. The sums are formed in another
+// order than pydensecrf's: on the test photos the largest difference to pydensecrf2's
+// marginals grew from 5.5e-6 to 1.4e-5 (the limit is 1e-4), the argmax still the
+// same everywhere. A lattice with a vertex for about every pixel (a Gaussian kernel
+// at sxy = 1) gets neighbours a strip apart in id, too far for the blur's wavefront:
+// callers ask for strips only where that cannot happen (STRIP_ORDER_MIN_SXY in
+// wsss_fast/ops/dense_crf.py).
+class PointOrder {
+ public:
+  static constexpr int64_t kStripColumns = 64;
+
+  // `width` 0, or one strip's worth or less: the points in their own order.
+  PointOrder(int64_t points, int64_t width) {
+    if (width > kStripColumns && points % width == 0) {
+      width_ = width;
+      strip_points_ = kStripColumns * (points / width);
+    }
+  }
+
+  // Calls body(point, pixel, count) for the runs of pixels [begin, end) that are
+  // consecutive points too: pixels pixel .. pixel + count - 1 are points point .. point
+  // + count - 1. In pixel order: reading and writing label planes then goes through
+  // memory in order (in point order, 21 planes read at a stride of an image row took
+  // 4.1 ms instead of 2.7 at 500x375).
+  template <typename Body>
+  void for_each_run(int64_t begin, int64_t end, const Body& body) const {
+    if (strip_points_ == 0) {
+      if (end > begin) body(begin, begin, end - begin);
+      return;
+    }
+    for (int64_t pixel = begin; pixel < end;) {
+      const int64_t row = pixel / width_, column = pixel % width_;
+      const int64_t strip = column / kStripColumns;
+      const int64_t left = strip * kStripColumns;
+      const int64_t columns = std::min(kStripColumns, width_ - left);
+      const int64_t count = std::min(left + columns - column, end - pixel);
+      body(strip * strip_points_ + row * columns + (column - left), pixel, count);
+      pixel += count;
+    }
+  }
+
+ private:
+  int64_t width_ = 0;
+  int64_t strip_points_ = 0;  // points of a full strip; 0: the identity
+};
+
 // 1 when x is NaN or infinite (all exponent bits set), else 0. Integer bit tests, so
 // that loops OR-ing them up vectorise and carry no floating-point dependency chain.
 inline uint32_t not_finite(float x) {
@@ -498,13 +559,14 @@ bool all_finite(const float* data, int64_t count, int64_t threads) {
 }
 
 #if defined(__AVX__)
-// embed_point for eight points at once, lanes = points p..p+7, with the same float
-// operations in the same order (no FMA: -ffp-contract=off), so every lane gives the
-// scalar function's result bit for bit. Data-dependent indexing (the barycentric
-// scatter by rank) becomes a compare-and-select over the d+2 slots.
+// embed_point for eight points at once, lanes = points p..p+7 (their features in
+// columns column..column+7), with the same float operations in the same order (no
+// FMA: -ffp-contract=off), so every lane gives the scalar function's result bit for
+// bit. Data-dependent indexing (the barycentric scatter by rank) becomes a
+// compare-and-select over the d+2 slots.
 template <int kDim>
 void embed_eight_points(const float* features, int64_t stride, const float* scale, int64_t p,
-                        int32_t* simplex, float* weight) {
+                        int64_t column, int32_t* simplex, float* weight) {
   constexpr int d = kDim;
   constexpr int corners = d + 1;
   const Lanes down = broadcast(1.0f / static_cast<float>(d + 1));
@@ -514,7 +576,7 @@ void embed_eight_points(const float* features, int64_t stride, const float* scal
 
   Lanes running = Lanes{};
   for (int j = d; j > 0; --j) {
-    const Lanes cf = *as_lanes(features + (j - 1) * stride + p) * scale[j - 1];
+    const Lanes cf = *as_lanes(features + (j - 1) * stride + column) * scale[j - 1];
     elevated[j] = running - static_cast<float>(j) * cf;
     running += cf;
   }
@@ -622,16 +684,17 @@ struct Rem0Bounds {
   int32_t highest[kMaxFeatureDim] = {};
 };
 
-// Embeds points [begin, end) of (d, N) features at row stride `stride`: their simplex
-// (rem0 then rank, 2 (d+1) ints each) and barycentric weights (d+1 each). Widens
-// `bounds` to their rem0s on the way, while the rows are in L1 (a separate pass over
-// the simplices: Gaussian lattice at 500x375 3.8 ms instead of 3.5; the bilateral
-// measured alike either way).
+// Embeds points [begin, end), whose features are columns `column` onwards of the
+// (d, N) `features` at row stride `stride`: their simplex (rem0 then rank, 2 (d+1)
+// ints each) and barycentric weights (d+1 each). Widens `bounds` to their rem0s on
+// the way, while the rows are in L1 (a separate pass over the simplices: Gaussian
+// lattice at 500x375 3.8 ms instead of 3.5; the bilateral measured alike either way).
 template <int kDim>
 void embed_points(const float* features, int64_t stride, int dim, const float* scale,
-                  int64_t begin, int64_t end, int32_t* simplex, float* weight,
+                  int64_t begin, int64_t end, int64_t column, int32_t* simplex, float* weight,
                   Rem0Bounds& bounds) {
   const int corners = dim + 1;
+  const int64_t shift = column - begin;  // point p's features are column p + shift
   int64_t p = begin;
 #if defined(__AVX__)
   if constexpr (kDim > 0 && kDim < 8) {  // d + 1 lanes per point row
@@ -641,7 +704,7 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
     for (int i = 0; i < 8; ++i) in_rem0[i] = i < kDim ? -1 : 0;
     IntLanes lowest = IntLanes{}, highest = IntLanes{};
     for (; p + 8 <= end; p += 8) {
-      embed_eight_points<kDim>(features, stride, scale, p, simplex, weight);
+      embed_eight_points<kDim>(features, stride, scale, p, p + shift, simplex, weight);
       for (int lane = 0; lane < 8; ++lane) {
         const IntLanes rem0 = reinterpret_cast<IntLanes>(_mm256_maskload_ps(
             reinterpret_cast<const float*>(simplex + (p + lane) * 2 * corners),
@@ -658,7 +721,7 @@ void embed_points(const float* features, int64_t stride, int dim, const float* s
 #endif
   for (; p < end; ++p) {
     int32_t* rem0 = simplex + p * 2 * corners;
-    embed_point<kDim>(features + p, stride, dim, scale, rem0, rem0 + corners,
+    embed_point<kDim>(features + (p + shift), stride, dim, scale, rem0, rem0 + corners,
                       weight + p * corners);
     for (int i = 0; i < dim; ++i) {
       bounds.lowest[i] = std::min(bounds.lowest[i], rem0[i]);
@@ -785,9 +848,9 @@ void assign_vertices_hashed(const int32_t* simplex, int dim, int64_t num_points,
 }
 
 // features: (d, N) at row stride `stride`, all finite (the embedding converts them to
-// integers).
+// integers); the lattice's points are in `order`.
 Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t num_points,
-                      int64_t threads) {
+                      const PointOrder& order, int64_t threads) {
   Lattice lattice;
   lattice.dim = dim;
   lattice.num_points = num_points;
@@ -807,9 +870,11 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
     int32_t* simplices = simplex.data();
     float* weights = lattice.weight.data();
     Rem0Bounds& bounds = task_bounds[task];
-    dispatch_feature_dim(dim, [&](auto fixed) {
-      embed_points<decltype(fixed)::value>(features, stride, dim, scale, begin, end, simplices,
-                                           weights, bounds);
+    order.for_each_run(begin, end, [&](int64_t point, int64_t pixel, int64_t count) {
+      dispatch_feature_dim(dim, [&](auto fixed) {
+        embed_points<decltype(fixed)::value>(features, stride, dim, scale, point, point + count,
+                                             pixel, simplices, weights, bounds);
+      });
     });
   });
   Rem0Bounds bounds;
@@ -1071,9 +1136,9 @@ void finish_points(Lattice& lattice, const float* blurred, bool symmetric, float
 }
 
 PreparedKernel prepare_kernel(const float* features, int64_t stride, int dim, int64_t points,
-                              Normalization mode, int64_t threads) {
+                              const PointOrder& order, Normalization mode, int64_t threads) {
   PreparedKernel kernel;
-  kernel.lattice = build_lattice(features, stride, dim, points, threads);
+  kernel.lattice = build_lattice(features, stride, dim, points, order, threads);
   kernel.mode = mode;
   Lattice& lattice = kernel.lattice;
   const int corners = dim + 1;
@@ -1380,7 +1445,7 @@ inline void dispatch_kernel_shape(const KernelStep& step, const Body& body) {
 // serial, and a loop over whole chains leaves the CPU little to overlap; within a
 // phase every pixel's work is independent of the previous one's, and what a kernel
 // is gets settled once per block. Each kernel's rows still receive their splats in
-// pixel order, so the sums are those of a pixel-by-pixel pass.
+// point order, so the sums are those of a point-by-point pass.
 template <int kChunks>
 void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, int64_t end) {
   const int64_t chunks = kChunks > 0 ? kChunks : pass.chunks;
@@ -1531,11 +1596,13 @@ class LatticeValues {
   int64_t shift_ = 0;
 };
 
-// Label planes (M, N) -> pixel rows (N, stride) for pixels [begin, end): row p, lane c
-// is sign * planes[c * N + p] for c < M and `pad` beyond. Returns 1 when a copied
-// value is NaN or infinite, else 0.
+// Label planes (M, N) -> point rows (N, stride) for points [begin, end), which are
+// pixels `pixel` onwards: row p, lane c is sign * planes[c * N + p + pixel - begin] for
+// c < M and `pad` beyond. Returns 1 when a copied value is NaN or infinite, else 0.
 uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int64_t stride,
-                        float sign, float pad, int64_t begin, int64_t end, float* rows) {
+                        float sign, float pad, int64_t begin, int64_t end, int64_t pixel,
+                        float* rows) {
+  const int64_t shift = pixel - begin;  // point p is pixel p + shift
   IntLanes bad = IntLanes{};
   int64_t p = begin;
   for (; p + kLanes <= end; p += kLanes) {
@@ -1543,7 +1610,7 @@ uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int
       Lanes tile[kLanes], transposed[kLanes];
       for (int64_t k = 0; k < kLanes; ++k) {
         if (c0 + k < labels) {
-          const Lanes values = *as_lanes(planes + (c0 + k) * points + p);
+          const Lanes values = *as_lanes(planes + ((c0 + k) * points + (p + shift)));
           bad |= not_finite(values);
           tile[k] = sign * values;
         } else {
@@ -1559,7 +1626,7 @@ uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int
   for (; p < end; ++p) {
     for (int64_t c = 0; c < stride; ++c) {
       if (c < labels) {
-        const float value = planes[c * points + p];
+        const float value = planes[c * points + (p + shift)];
         found |= not_finite(value);
         rows[p * stride + c] = sign * value;
       } else {
@@ -1570,9 +1637,11 @@ uint32_t planes_to_rows(const float* planes, int64_t labels, int64_t points, int
   return found;
 }
 
-// Pixel rows (N, stride) -> label planes (M, N) for pixels [begin, end).
+// Point rows (N, stride) -> label planes (M, N) for points [begin, end), which are
+// pixels `pixel` onwards.
 void rows_to_planes(const float* rows, int64_t labels, int64_t points, int64_t stride,
-                    int64_t begin, int64_t end, float* planes) {
+                    int64_t begin, int64_t end, int64_t pixel, float* planes) {
+  const int64_t shift = pixel - begin;
   int64_t p = begin;
   for (; p + kLanes <= end; p += kLanes) {
     for (int64_t c0 = 0; c0 < stride; c0 += kLanes) {
@@ -1580,19 +1649,21 @@ void rows_to_planes(const float* rows, int64_t labels, int64_t points, int64_t s
       for (int64_t j = 0; j < kLanes; ++j) tile[j] = *as_lanes(rows + (p + j) * stride + c0);
       transpose_tile(tile, transposed);
       for (int64_t k = 0; k < kLanes && c0 + k < labels; ++k) {
-        *as_lanes(planes + (c0 + k) * points + p) = transposed[k];
+        *as_lanes(planes + ((c0 + k) * points + (p + shift))) = transposed[k];
       }
     }
   }
   for (; p < end; ++p) {
-    for (int64_t c = 0; c < labels; ++c) planes[c * points + p] = rows[p * stride + c];
+    for (int64_t c = 0; c < labels; ++c) planes[c * points + (p + shift)] = rows[p * stride + c];
   }
 }
 
-// Mean-field inference for one image.
+// Mean-field inference for one image, its points visited in `order` (the kernels'
+// lattices built in it).
 //   unary (M, N), init_q (M, N) or null, out (M, N).
 void infer_image(const float* unary, const float* init_q, float* out, int64_t labels,
-                 int64_t points, const std::vector<const PreparedKernel*>& kernels,
+                 int64_t points, const PointOrder& order,
+                 const std::vector<const PreparedKernel*>& kernels,
                  const std::vector<Compatibility>& compat, int64_t iterations, int64_t threads) {
   const int64_t stride = round_up(labels, kLanes);
   const int64_t tasks = task_count(points, threads);
@@ -1612,22 +1683,25 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
       packed_kernel < 0 ? nullptr : kernels[packed_kernel]->lattice.weight.data();
   const int packed_corners = packed_kernel < 0 ? 0 : kernels[packed_kernel]->lattice.dim + 1;
 
-  // Pixel-major copies of -unary (padding lanes -inf, or the packed kernel's weights;
+  // Point-major copies of -unary (padding lanes -inf, or the packed kernel's weights;
   // either way they take no part in the softmax) and of the marginals.
   LargeBuffer<float> neg_unary(points * stride);
   LargeBuffer<float> q(points * stride);
   std::vector<uint32_t> bad(tasks, 0);
   for_each_task(points, tasks, [&](int64_t task, int64_t begin, int64_t end) {
-    bad[task] = planes_to_rows(unary, labels, points, stride, -1.0f,
-                               -std::numeric_limits<float>::infinity(), begin, end,
-                               neg_unary.data());
-    for (int64_t p = begin; p < end && packed_weights != nullptr; ++p) {
-      std::copy_n(packed_weights + p * packed_corners, packed_corners,
-                  neg_unary.data() + p * stride + labels);
-    }
-    if (init_q != nullptr) {
-      planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, begin, end, q.data());
-    }
+    order.for_each_run(begin, end, [&](int64_t point, int64_t pixel, int64_t count) {
+      bad[task] |= planes_to_rows(unary, labels, points, stride, -1.0f,
+                                  -std::numeric_limits<float>::infinity(), point, point + count,
+                                  pixel, neg_unary.data());
+      for (int64_t p = point; p < point + count && packed_weights != nullptr; ++p) {
+        std::copy_n(packed_weights + p * packed_corners, packed_corners,
+                    neg_unary.data() + p * stride + labels);
+      }
+      if (init_q != nullptr) {
+        planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, point, point + count, pixel,
+                       q.data());
+      }
+    });
   });
   TORCH_CHECK_VALUE(std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; }),
                     "unary contains NaN or infinite energies");
@@ -1728,7 +1802,9 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   }
 
   for_each_task(points, tasks, [&](int64_t, int64_t begin, int64_t end) {
-    rows_to_planes(q.data(), labels, points, stride, begin, end, out);
+    order.for_each_run(begin, end, [&](int64_t point, int64_t pixel, int64_t count) {
+      rows_to_planes(q.data(), labels, points, stride, point, point + count, pixel, out);
+    });
   });
 }
 
@@ -1736,8 +1812,10 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 
 at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
                                    at::TensorList compat, at::IntArrayRef normalization,
-                                   int64_t iterations, const c10::optional<at::Tensor>& init_q) {
-  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q);
+                                   int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                                   int64_t grid_width) {
+  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q,
+                            grid_width);
   const int64_t batch = unary.size(0);
   const int64_t labels = unary.size(1);
   const int64_t points = unary.size(2);
@@ -1764,6 +1842,7 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
   }
 
   const int64_t threads = at::get_num_threads();
+  const PointOrder order(points, grid_width);
   for (size_t k = 0; k < num_kernels; ++k) {
     TORCH_CHECK_VALUE(all_finite(feature_c[k].data_ptr<float>(), feature_c[k].numel(), threads),
                       "features[", k, "] contains NaN or infinite values");
@@ -1771,8 +1850,9 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
   auto prepare = [&](size_t k, int64_t image, int64_t inner_threads) {
     const int dim = static_cast<int>(features[k].size(1));
     const float* data = feature_c[k].data_ptr<float>() + (shared[k] ? 0 : image * dim * points);
-    return std::make_unique<PreparedKernel>(prepare_kernel(
-        data, points, dim, points, static_cast<Normalization>(normalization[k]), inner_threads));
+    return std::make_unique<PreparedKernel>(
+        prepare_kernel(data, points, dim, points, order,
+                       static_cast<Normalization>(normalization[k]), inner_threads));
   };
 
   // Lattices shared by the whole batch are built once, with every thread.
@@ -1791,8 +1871,8 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
     const int64_t offset = image * labels * points;
     infer_image(unary_c.data_ptr<float>() + offset,
                 init_c.defined() ? init_c.data_ptr<float>() + offset : nullptr,
-                out.data_ptr<float>() + offset, labels, points, kernels, compat_rows, iterations,
-                inner_threads);
+                out.data_ptr<float>() + offset, labels, points, order, kernels, compat_rows,
+                iterations, inner_threads);
   };
 
   if (batch >= threads && threads > 1) {

@@ -753,8 +753,11 @@ void launch_update(const at::Tensor& unary, at::Tensor& q, int64_t pixels, int64
 
 at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, at::TensorList features,
                                     at::TensorList compat, at::IntArrayRef normalization,
-                                    int64_t iterations, const c10::optional<at::Tensor>& init_q) {
-  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q);
+                                    int64_t iterations, const c10::optional<at::Tensor>& init_q,
+                                    int64_t grid_width) {
+  // grid_width only picks the CPU's visiting order; the GPU's needs no hint.
+  check_dense_crf_arguments(unary, features, compat, normalization, iterations, init_q,
+                            grid_width);
   TORCH_CHECK_VALUE(unary.is_cuda(), "unary must be a CUDA tensor, got ", unary.device());
   const c10::cuda::CUDAGuard device_guard(unary.device());
 
