@@ -19,10 +19,12 @@ TORCH_LIBRARY(wsss_fast, m) {
   m.def(
       "dense_crf_inference(Tensor unary, Tensor[] features, Tensor[] compat, "
       "int[] normalization, int iterations, Tensor? init_q=None, int grid_width=0) -> Tensor");
+  m.def("finite_copy(Tensor values, str name) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(wsss_fast, CPU, m) {
   m.impl("dense_crf_inference", &wsss_fast::crf::dense_crf_inference_cpu);
+  m.impl("finite_copy", &wsss_fast::crf::finite_copy_cpu);
 }
 
 #ifdef WSSS_FAST_WITH_CUDA

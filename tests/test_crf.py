@@ -508,6 +508,26 @@ def test_opcheck(case):
     torch.library.opcheck(OP, args, kwargs)
 
 
+def test_finite_copy_copies_and_checks():
+    """wsss_fast::finite_copy, the drop-in's copy of its input arrays: equal values in
+    memory of its own, a ValueError naming the array on NaN or infinity."""
+    values = torch.randn(3, 70001)  # over 1 MiB: a block from the pool
+    copy = torch.ops.wsss_fast.finite_copy(values, "unary")
+    assert copy.data_ptr() != values.data_ptr()
+    torch.testing.assert_close(copy, values, rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.ops.wsss_fast.finite_copy(values[:, ::2], "unary"), values[:, ::2], rtol=0, atol=0
+    )
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = values.clone()
+        broken[2, 70000] = bad
+        with pytest.raises(ValueError, match="Q contains NaN or infinite"):
+            torch.ops.wsss_fast.finite_copy(broken, "Q")
+    with pytest.raises(ValueError, match="features must be float32"):
+        torch.ops.wsss_fast.finite_copy(values.double(), "features")
+    torch.library.opcheck(torch.ops.wsss_fast.finite_copy, (torch.randn(4, 5), "unary"))
+
+
 # --- Inputs that are safe to convert ---------------------------------------------------
 
 

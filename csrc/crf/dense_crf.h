@@ -22,6 +22,12 @@ at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList featu
                                    int64_t iterations, const c10::optional<at::Tensor>& init_q,
                                    int64_t grid_width);
 
+// A float32 copy of `values` (CPU, float32) in memory from the pool of large blocks
+// (crf/cpu/large_buffer.h), checked for NaN and infinities in the same pass: a
+// ValueError naming the array (`name`) when there are any. The pydensecrf drop-in
+// copies the arrays it is given, as pydensecrf does.
+at::Tensor finite_copy_cpu(const at::Tensor& values, c10::string_view name);
+
 #ifdef WSSS_FAST_WITH_CUDA
 at::Tensor dense_crf_inference_cuda(const at::Tensor& unary, at::TensorList features,
                                     at::TensorList compat, at::IntArrayRef normalization,

@@ -46,6 +46,11 @@ def _dense_crf_inference_fake(
     return torch.empty_like(unary, dtype=torch.float32)
 
 
+@torch.library.register_fake("wsss_fast::finite_copy")
+def _finite_copy_fake(values, name):
+    return torch.empty_like(values)
+
+
 def dense_crf_inference(
     unary: torch.Tensor,
     features: Sequence[torch.Tensor],

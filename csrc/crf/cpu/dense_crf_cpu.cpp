@@ -547,12 +547,22 @@ inline IntLanes not_finite(Lanes x) {
   return (reinterpret_cast<IntLanes>(x) & exponent) == exponent;
 }
 
-bool all_finite(const float* data, int64_t count, int64_t threads) {
+// Whether data[0, count) are all finite; copies them into `copy` on the way when it
+// is given (one pass for both).
+bool all_finite(const float* data, int64_t count, int64_t threads, float* copy = nullptr) {
   const int64_t tasks = task_count(count, threads);
   std::vector<uint32_t> bad(tasks, 0);
   for_each_task(count, tasks, [&](int64_t task, int64_t begin, int64_t end) {
     uint32_t found = 0;
-    for (int64_t i = begin; i < end; ++i) found |= not_finite(data[i]);
+    if (copy != nullptr) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float value = data[i];
+        found |= not_finite(value);
+        copy[i] = value;
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) found |= not_finite(data[i]);
+    }
     bad[task] = found;
   });
   return std::all_of(bad.begin(), bad.end(), [](uint32_t found) { return found == 0; });
@@ -1809,6 +1819,20 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
 }
 
 }  // namespace
+
+at::Tensor finite_copy_cpu(const at::Tensor& values, c10::string_view name) {
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat, name, " must be float32, got ",
+                    values.scalar_type());
+  const at::Tensor source = values.contiguous();
+  const size_t bytes = source.numel() * sizeof(float);
+  at::Tensor copy = at::from_blob(
+      allocate_large(bytes), source.sizes(),
+      [bytes](void* data) { release_large(data, bytes); }, source.options());
+  TORCH_CHECK_VALUE(all_finite(source.data_ptr<float>(), source.numel(), at::get_num_threads(),
+                               copy.data_ptr<float>()),
+                    name, " contains NaN or infinite values");
+  return copy;
+}
 
 at::Tensor dense_crf_inference_cpu(const at::Tensor& unary, at::TensorList features,
                                    at::TensorList compat, at::IntArrayRef normalization,
