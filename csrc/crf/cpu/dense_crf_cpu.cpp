@@ -926,57 +926,53 @@ Lattice build_lattice(const float* features, int64_t stride, int dim, int64_t nu
   // Blur neighbours along each of the d+1 lattice axes (parallel, read-only table),
   // in batches of vertices: all their neighbours' tags first, slots prefetched, then
   // the lookups. With exact tags a neighbour's tag is the vertex's plus or minus units.
-  // Each task also finds the largest |neighbour id - vertex id| among its vertices,
-  // for the blur's wavefront.
+  // Neighbourhood is symmetric (u is v's second neighbour along an axis exactly when
+  // v is u's first), so only the second ones are looked up, and each found u gets v
+  // as its first: half the lookups, which miss the caches in large lattices
+  // (preparing the kernels at 500x375: bilateral 11.0 -> 10.2 ms, Gaussian 4.3 -> 4.2,
+  // minima of 12 rounds). Every first-neighbour slot is written by at most one
+  // vertex, so the tasks never write the same slot. Each task
+  // also finds the largest |neighbour id - vertex id| among its vertices, for the
+  // blur's wavefront.
   constexpr int64_t kBatch = 32;
-  lattice.neighbours.resize(corners * vertices * 2);
+  lattice.neighbours.assign(corners * vertices * 2, 0);  // 0: no neighbour
   const int64_t neighbour_tasks = task_count(vertices, threads);
   std::vector<int64_t> task_span(neighbour_tasks, 0);
   for_each_task(vertices, neighbour_tasks, [&](int64_t task, int64_t begin, int64_t end) {
     int64_t span = 0;
-    int32_t neighbour[2][kMaxFeatureDim + 1];
-    uint64_t tags[kBatch][2 * (kMaxFeatureDim + 1)];
-    // The keys of vertex v's two neighbours along `axis`, into `neighbour`.
-    auto neighbour_keys = [&](int64_t v, int axis) {
+    int32_t neighbour[kMaxFeatureDim + 1];
+    uint64_t tags[kBatch][kMaxFeatureDim + 1];
+    // The key of vertex v's second neighbour along `axis`, into `neighbour`.
+    auto neighbour_key = [&](int64_t v, int axis) {
       const int32_t* key = table.key(static_cast<int32_t>(v));
-      for (int i = 0; i < dim; ++i) {
-        neighbour[0][i] = key[i] - 1;
-        neighbour[1][i] = key[i] + 1;
-      }
+      for (int i = 0; i < dim; ++i) neighbour[i] = key[i] + 1;
       // Axis d is the implicit last coordinate: there every stored one moves.
-      if (axis < dim) {
-        neighbour[0][axis] = key[axis] + dim;
-        neighbour[1][axis] = key[axis] - dim;
-      }
+      if (axis < dim) neighbour[axis] = key[axis] - dim;
     };
     for (int64_t first = begin; first < end; first += kBatch) {
       const int64_t last = std::min(end, first + kBatch);
       for (int64_t v = first; v < last; ++v) {
-        uint64_t* out = tags[v - first];
         const uint64_t tag = table.vertex_tag(static_cast<int32_t>(v));
         for (int axis = 0; axis <= dim; ++axis) {
+          uint64_t& out = tags[v - first][axis];
           if (table.exact()) {
-            const KeyPacking& packing = table.packing();
-            out[2 * axis] = tag - packing.ones + packing.step_down[axis];
-            out[2 * axis + 1] = tag + packing.ones - packing.step_down[axis];
+            out = tag + table.packing().ones - table.packing().step_down[axis];
           } else {
-            neighbour_keys(v, axis);
-            out[2 * axis] = table.tag(neighbour[0]);
-            out[2 * axis + 1] = table.tag(neighbour[1]);
+            neighbour_key(v, axis);
+            out = table.tag(neighbour);
           }
-          table.prefetch(out[2 * axis]);
-          table.prefetch(out[2 * axis + 1]);
+          table.prefetch(out);
         }
       }
       for (int64_t v = first; v < last; ++v) {
         for (int axis = 0; axis <= dim; ++axis) {
-          if (!table.exact()) neighbour_keys(v, axis);
-          int32_t* out = lattice.neighbours.data() + (axis * vertices + v) * 2;
-          for (int side = 0; side < 2; ++side) {
-            const uint64_t tag = tags[v - first][2 * axis + side];
-            const int32_t id = table.find(table.exact() ? nullptr : neighbour[side], tag);
-            out[side] = id + 1;
-            if (id >= 0) span = std::max<int64_t>(span, std::abs(int64_t{id} - v));
+          if (!table.exact()) neighbour_key(v, axis);
+          int32_t* pairs = lattice.neighbours.data() + axis * vertices * 2;
+          const int32_t id = table.find(table.exact() ? nullptr : neighbour, tags[v - first][axis]);
+          pairs[2 * v + 1] = id + 1;
+          if (id >= 0) {
+            pairs[2 * int64_t{id}] = static_cast<int32_t>(v + 1);
+            span = std::max<int64_t>(span, std::abs(int64_t{id} - v));
           }
         }
       }
