@@ -761,17 +761,19 @@ void assign_vertices_exact(const int32_t* simplex, int runtime_dim, int64_t num_
                            KeyTable& table, int32_t* vertex) {
   const int dim = kDim > 0 ? kDim : runtime_dim;
   const int corners = dim + 1;
-  const uint64_t ones = table.packing().ones;
-  const uint64_t* step_down = table.packing().step_down;
+  // A local copy: the loops' stores could alias the table's, which would reload it
+  // (preparing the kernels at 500x375: Gaussian 4.09 -> 3.97 ms, bilateral 9.93 ->
+  // 9.54, minima of 14 rounds).
+  const KeyPacking packing = table.packing();
   uint64_t tag[kMaxFeatureDim + 1];
   auto corner_tags = [&](int64_t p) {  // point p's, into `tag`
     const int32_t* rem0 = simplex + p * 2 * corners;
     const int32_t* rank = rem0 + corners;
     int coordinate_of_rank[kMaxFeatureDim + 1];
     for (int c = 0; c <= dim; ++c) coordinate_of_rank[rank[c]] = c;
-    tag[0] = table.tag(rem0);
+    tag[0] = packing.tag(rem0, dim);
     for (int r = 0; r < dim; ++r) {
-      tag[r + 1] = tag[r] + ones - step_down[coordinate_of_rank[dim - r]];
+      tag[r + 1] = tag[r] + packing.ones - packing.step_down[coordinate_of_rank[dim - r]];
     }
   };
 
