@@ -6,7 +6,8 @@ inference). Groups put the two libraries next to each other:
 - one image, one thread, for the parameter sets of performance.md;
 - one image with every thread (pydensecrf2 holds the GIL: one thread is all it uses);
 - a batch of 8 images (pydensecrf2 image by image, wsss_fast batched);
-- label counts 2, 21, 81.
+- label counts 2, 21, 81;
+- the drop-in's copy and check of its input arrays (finite_copy against numpy).
 """
 
 import numpy as np
@@ -95,3 +96,28 @@ def test_label_scaling_one_thread(benchmark, threads, library, labels):
     benchmark.group = f"crf 500x375 M={labels} 10 it, psa_softmax, one thread"
     benchmark.extra_info.update(library=library, threads=1, labels=labels)
     _time(benchmark, lambda: run_densecrf2d(module, image, unary, params))
+
+
+def _numpy_copy_and_check(array: np.ndarray) -> np.ndarray:
+    """The plain path the drop-in takes for other dtypes: np.array, then aminmax."""
+    copy = np.array(array, dtype=np.float32, order="C", copy=True)
+    if not torch.stack(torch.aminmax(torch.from_numpy(copy))).isfinite().all():
+        raise ValueError("unary contains NaN or infinite values")
+    return copy
+
+
+@pytest.mark.parametrize("implementation", ["numpy", "finite_copy"])
+def test_input_copy(benchmark, threads, implementation):
+    """The drop-in's copy and check of a 21-label 500x375 unary (setUnaryEnergy)."""
+    _, probs = _inputs(21)
+    unary = wsss_crf.unary_from_softmax(probs)
+    threads(1)
+
+    def function():
+        if implementation == "numpy":
+            return _numpy_copy_and_check(unary)
+        return torch.ops.wsss_fast.finite_copy(torch.from_numpy(unary), "unary")
+
+    benchmark.group = "drop-in input copy, float32 (21, 500*375), one thread"
+    benchmark.extra_info.update(implementation=implementation, threads=1)
+    _time(benchmark, function)
