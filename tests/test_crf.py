@@ -273,6 +273,7 @@ def test_init_q_and_step_inference_equal_inference():
     in_one_go = OP(*args, 4)
     start = torch.softmax(-args[0], dim=1)
     torch.testing.assert_close(OP(*args, 4, start), in_one_go, rtol=0, atol=1e-6)
+    torch.testing.assert_close(OP(*args, 0, start), start, rtol=0, atol=0)
     q = OP(*args, 1)
     q = OP(*args, 3, q)
     torch.testing.assert_close(q, in_one_go, rtol=0, atol=1e-6)
