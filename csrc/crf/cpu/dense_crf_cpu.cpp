@@ -1451,41 +1451,73 @@ void add_kernel_messages(const MeanFieldPass& pass, const KernelStep& step, int6
   }
 }
 
-// q = softmax(energy) over each of kRows label rows (rows of `chunks` vectors; kChunks
-// > 0 fixes that). Padding lanes (0 in `last_chunk_labels`) may hold anything (a
-// kernel's weights, see MeanFieldPass::packed_kernel): they are taken as -inf, so they
-// drop out of the max, and after exp the mask zeroes them. Each row's exps form a
-// long dependent chain; several rows in lockstep give the CPU independent work to
-// overlap: four rows cut the whole op for PSA's parameters from 132 to 127 ms (one
-// thread, 21 labels; eight rows were slower than four).
+// q = softmax(energy) over the label rows of a block, kRows rows at a time (rows of
+// `chunks` vectors; kChunks > 0 fixes that), in three sweeps over the block:
+// softmax_maxima, softmax_exps, softmax_scale. Padding lanes (0 in
+// `last_chunk_labels`) may hold anything (a kernel's weights, see
+// MeanFieldPass::packed_kernel): they are taken as -inf, so they drop out of the max,
+// and after exp the mask zeroes them.
+//
+// A row's softmax is one long dependent chain: max, lane reduction, exps, sum, lane
+// reduction, division. Several rows in lockstep give the CPU independent work: four
+// rows cut the whole op for PSA's parameters from 132 to 127 ms (one thread, 21
+// labels; eight were slower than four). Run a group at a time, the chain still
+// outlasted the out-of-order window, so each group waited for the one before. Swept
+// a stage at a time, consecutive groups overlap. The softmax's share of a call (one
+// thread, 500x375, PSA's parameters, TSC ticks, minima of 6-25 alternating calls):
+// 2 labels 28.8-29.9 M -> 25.8-26.4 M, 81 labels 225-230 M -> 202-211 M, 21 labels
+// unchanged (60 M). Each row's arithmetic is the same as before, so the marginals
+// are too.
+
+// top[i] = the largest energy of row i, in every lane.
 template <int kRows, int kChunks>
-inline void softmax_rows(const Lanes* energy, int64_t chunks, IntLanes last_chunk_labels,
-                         Lanes* q) {
-  if constexpr (kChunks > 0) chunks = kChunks;
+inline void softmax_maxima(const Lanes* energy, int64_t runtime_chunks,
+                           IntLanes last_chunk_labels, Lanes* top) {
+  const int64_t chunks = kChunks > 0 ? kChunks : runtime_chunks;
   const Lanes minus_infinity = broadcast(-std::numeric_limits<float>::infinity());
-  Lanes last[kRows];  // the last chunks, padding lanes -inf
+  Lanes row_top[kRows];  // locals: stores through `top` could alias `energy`
+  for (int i = 0; i < kRows; ++i) {
+    const Lanes* row = energy + i * chunks;
+    row_top[i] = chunks == 1 ? minus_infinity : row[0];
+    for (int64_t j = 1; j + 1 < chunks; ++j) row_top[i] = row_top[i] > row[j] ? row_top[i] : row[j];
+    const Lanes last = last_chunk_labels != 0 ? row[chunks - 1] : minus_infinity;
+    row_top[i] = row_top[i] > last ? row_top[i] : last;
+    if constexpr (kRows != 4) row_top[i] = all_lanes_max(row_top[i]);
+  }
+  if constexpr (kRows == 4) all_lanes_reduce4<LaneReduction::kMax>(row_top);
+  std::copy_n(row_top, kRows, top);
+}
+
+// q = exp(energy - top) (padding lanes 0); total[i] = row i's exps summed by lane.
+template <int kRows, int kChunks>
+inline void softmax_exps(const Lanes* energy, int64_t runtime_chunks,
+                         IntLanes last_chunk_labels, const Lanes* top, Lanes* q,
+                         Lanes* total) {
+  const int64_t chunks = kChunks > 0 ? kChunks : runtime_chunks;
+  const Lanes minus_infinity = broadcast(-std::numeric_limits<float>::infinity());
+  Lanes last[kRows];
   for (int i = 0; i < kRows; ++i) {
     last[i] = last_chunk_labels != 0 ? energy[i * chunks + chunks - 1] : minus_infinity;
   }
-  auto at = [&](int i, int64_t j) { return j + 1 == chunks ? last[i] : energy[i * chunks + j]; };
-  Lanes top[kRows], total[kRows];
-  for (int i = 0; i < kRows; ++i) {
-    top[i] = at(i, 0);
-    for (int64_t j = 1; j < chunks; ++j) top[i] = top[i] > at(i, j) ? top[i] : at(i, j);
-    if constexpr (kRows != 4) top[i] = all_lanes_max(top[i]);
-    total[i] = Lanes{};
-  }
-  if constexpr (kRows == 4) all_lanes_reduce4<LaneReduction::kMax>(top);
+  Lanes sum[kRows] = {};  // locals: stores through `total` could alias `q`
   for (int64_t j = 0; j < chunks; ++j) {
     for (int i = 0; i < kRows; ++i) {
+      const Lanes x = j + 1 == chunks ? last[i] : energy[i * chunks + j];
       Lanes& out = q[i * chunks + j];
-      out = exp_nonpositive(at(i, j) - top[i]);
+      out = exp_nonpositive(x - top[i]);
       if (j + 1 == chunks) {  // exp(-87) is not 0: clear the padding lanes' bits
         out = reinterpret_cast<Lanes>(reinterpret_cast<IntLanes>(out) & last_chunk_labels);
       }
-      total[i] += out;
+      sum[i] += out;
     }
   }
+  std::copy_n(sum, kRows, total);
+}
+
+// q /= the sum of row i's exps (total[i] by lane, overwritten by its inverse).
+template <int kRows, int kChunks>
+inline void softmax_scale(Lanes* total, int64_t runtime_chunks, Lanes* q) {
+  const int64_t chunks = kChunks > 0 ? kChunks : runtime_chunks;
   if constexpr (kRows == 4) {
     all_lanes_reduce4<LaneReduction::kInverseSum>(total);  // one division for four rows
   } else {
@@ -1630,18 +1662,33 @@ void mean_field_points(const MeanFieldPass& pass, int64_t task, int64_t begin, i
           base = energies;
         }
       }
-      // Rows in lockstep while their vectors fit the registers.
+      // Rows in lockstep while their vectors fit the registers; the last count % kRows
+      // rows one by one.
       constexpr int kRows = kChunks == 0 ? 1 : kChunks <= 3 ? 4 : kChunks <= 6 ? 2 : 1;
       static_assert(kBlockPoints % kRows == 0, "a full block's groups prefetch a whole block");
-      int64_t i = 0;
-      for (; i + kRows <= count; i += kRows) {
-        prefetch_points(ahead + i, kRows);
-        softmax_rows<kRows, kChunks>(base + i * chunks, chunks, pass.last_chunk_labels,
-                                     q_block + i * chunks);
+      const int64_t grouped = count - count % kRows;
+      const IntLanes last_labels = pass.last_chunk_labels;
+      Lanes top[kBlockPoints], total[kBlockPoints];
+      for (int64_t i = 0; i < grouped; i += kRows) {
+        softmax_maxima<kRows, kChunks>(base + i * chunks, chunks, last_labels, top + i);
       }
-      for (; i < count; ++i) {
-        softmax_rows<1, kChunks>(base + i * chunks, chunks, pass.last_chunk_labels,
-                                 q_block + i * chunks);
+      for (int64_t i = grouped; i < count; ++i) {
+        softmax_maxima<1, kChunks>(base + i * chunks, chunks, last_labels, top + i);
+      }
+      for (int64_t i = 0; i < grouped; i += kRows) {
+        prefetch_points(ahead + i, kRows);
+        softmax_exps<kRows, kChunks>(base + i * chunks, chunks, last_labels, top + i,
+                                     q_block + i * chunks, total + i);
+      }
+      for (int64_t i = grouped; i < count; ++i) {
+        softmax_exps<1, kChunks>(base + i * chunks, chunks, last_labels, top + i,
+                                 q_block + i * chunks, total + i);
+      }
+      for (int64_t i = 0; i < grouped; i += kRows) {
+        softmax_scale<kRows, kChunks>(total + i, chunks, q_block + i * chunks);
+      }
+      for (int64_t i = grouped; i < count; ++i) {
+        softmax_scale<1, kChunks>(total + i, chunks, q_block + i * chunks);
       }
       // Straight from L1 into the label planes. Before, the last pass wrote point rows
       // of the marginals (18 MB at 500x375 with 21 labels) and a transpose after it
