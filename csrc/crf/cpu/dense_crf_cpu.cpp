@@ -130,15 +130,21 @@ inline void all_lanes_reduce4(Lanes* v) {
 // [-87, 0] either way).
 inline Lanes exp_nonpositive(Lanes x) {
   const Lanes lowest = broadcast(-87.0f);
-  x = x < lowest ? lowest : x;
   Lanes p = broadcast(1.9875691500e-4f);
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__FMA__)
+  // max(lowest, x) is x < lowest ? lowest : x, NaN included, in one instruction
+  // (GCC compiled the select to a compare and a masked move): the softmax's share of
+  // a call at 500x375 with 21 labels fell from 60.3-63.0 M TSC ticks to 58.7-60.8
+  // (minima of 20-25 alternating calls).
+  x = reinterpret_cast<Lanes>(
+      _mm256_max_ps(reinterpret_cast<__m256>(lowest), reinterpret_cast<__m256>(x)));
   const Lanes n = reinterpret_cast<Lanes>(
       _mm256_roundscale_ps(reinterpret_cast<__m256>(x * 1.44269504088896341f),
                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const Lanes r = multiply_add(n, broadcast(2.12194440e-4f),
                                multiply_add(n, broadcast(-0.693359375f), x));
 #else
+  x = x < lowest ? lowest : x;
   // Round to nearest by adding and subtracting 1.5 * 2^23.
   const Lanes n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const Lanes r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
