@@ -1803,9 +1803,11 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
   const int packed_corners = packed_kernel < 0 ? 0 : kernels[packed_kernel]->lattice.dim + 1;
 
   // Point-major copies of -unary (padding lanes -inf, or the packed kernel's weights;
-  // either way they take no part in the softmax) and of init_q.
+  // either way they take no part in the softmax) and of init_q when it is splatted
+  // (after no step, init_q itself is the result).
+  const float* splatted_q = iterations > 0 ? init_q : nullptr;
   LargeBuffer<float> neg_unary(points * stride);
-  LargeBuffer<float> q(init_q != nullptr ? points * stride : 0);
+  LargeBuffer<float> q(splatted_q != nullptr ? points * stride : 0);
   // The rows are written in point order. In strips each run then reads its pixels of
   // every label plane one image row below the last run's, a pattern the hardware
   // prefetchers miss: the planes' lines two rows further down are prefetched (the
@@ -1820,8 +1822,8 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
       if (image_width > 0 && ahead + count <= points) {
         for (int64_t c = 0; c < labels; ++c) {
           prefetch_into_l2(unary + c * points + ahead, count * sizeof(float));
-          if (init_q != nullptr) {
-            prefetch_into_l2(init_q + c * points + ahead, count * sizeof(float));
+          if (splatted_q != nullptr) {
+            prefetch_into_l2(splatted_q + c * points + ahead, count * sizeof(float));
           }
         }
       }
@@ -1832,8 +1834,8 @@ void infer_image(const float* unary, const float* init_q, float* out, int64_t la
         std::copy_n(packed_weights + p * packed_corners, packed_corners,
                     neg_unary.data() + p * stride + labels);
       }
-      if (init_q != nullptr) {
-        planes_to_rows(init_q, labels, points, stride, 1.0f, 0.0f, point, point + count, pixel,
+      if (splatted_q != nullptr) {
+        planes_to_rows(splatted_q, labels, points, stride, 1.0f, 0.0f, point, point + count, pixel,
                        q.data());
       }
     });
